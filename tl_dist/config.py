@@ -1,0 +1,151 @@
+"""Every option of a run: one typed dataclass, one line of help per field; the CLI is built from it.
+
+The defaults reproduce the reference article: VGG16 with ImageNet weights, frozen conv features, a new
+102-way last layer, SGD (lr 0.001, momentum 0.9), batch 32, 5 epochs, 224 px, an 80/20 split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "./data/caltech-101"
+
+
+def _opt(help: str, group: str, default=None, choices=None, **kw):
+    return field(default=default, metadata=dict(help=help, group=group, choices=choices, **kw))
+
+
+@dataclass
+class Config:
+    # --- Data ---
+    data_dir: str = _opt("image-folder tree, one folder per class; downloaded from Kaggle only when left at "
+                         "this default and missing", "Data", DEFAULT_DATA_DIR)
+    output_dir: str | None = _opt("everything the run writes (default: runs/<date-time>)", "Data")
+    image_size: int = _opt("images are resized to SIZE x SIZE", "Data", 224, positive=True)
+    test_fraction: float = _opt("per-class fraction of images held out for testing", "Data", 0.2)
+    max_samples: int = _opt("use at most N images, stratified over classes (0 = all); for quick debug runs",
+                            "Data", 0, nonnegative=True)
+    num_workers: int = _opt("data-loader worker processes per training process (-1 = choose from the cores)",
+                            "Data", -1)
+    cache_dir: str = _opt("decoded-image cache (memory-mapped uint8 arrays); never inside --data-dir", "Data",
+                          str(Path("~/.cache/tl_dist")))
+    # --- Model ---
+    model: str = _opt("network: vgg16, or vgg_tiny, a small stand-in with the same layout for tests",
+                      "Model", "vgg16", choices=("vgg16", "vgg_tiny"))
+    weights: str = _opt("imagenet (torchvision's IMAGENET1K_V1), none (random init), or PATH to a VGG16 "
+                        "state_dict with its 1000-way head", "Model", "imagenet")
+    freeze: str = _opt("freeze the conv features (the article) or train everything", "Model", "features",
+                       choices=("features", "none"))
+    dropout: float = _opt("dropout of the classifier's two hidden layers", "Model", 0.5)
+    cache_features: str = _opt("train the classifier on backbone features computed once per image: auto = "
+                               "exactly when that gives the same result (frozen backbone)", "Model", "auto",
+                               choices=("auto", "on", "off"))
+    # --- Optimisation ---
+    epochs: int = _opt("passes over the training split", "Optimisation", 5, positive=True)
+    batch_size: int = _opt("images per process and step; the global batch is this times the processes",
+                           "Optimisation", 32, positive=True)
+    lr: float = _opt("SGD learning rate (not scaled with the global batch unless --scale-lr)",
+                     "Optimisation", 0.001)
+    scale_lr: bool = _opt("multiply --lr by the number of processes (linear scaling rule)", "Optimisation",
+                          False)
+    momentum: float = _opt("SGD momentum", "Optimisation", 0.9)
+    lr_schedule: str = _opt("constant (the article) or cosine decay over all steps", "Optimisation",
+                            "constant", choices=("constant", "cosine"))
+    seed: int = _opt("seed of the split, the initialisation, the shuffling and dropout", "Optimisation", 0)
+    max_steps: int = _opt("stop after this many optimizer steps in total (0 = no limit); for debug runs",
+                          "Optimisation", 0, nonnegative=True)
+    # --- Speed ---
+    mixed_precision: str | None = _opt("autocast dtype (default: what accelerate launch was given)", "Speed",
+                                       None, choices=("no", "fp16", "bf16"))
+    channels_last: bool = _opt("NHWC memory format for the conv layers (faster on tensor cores)", "Speed",
+                               False)
+    compile: bool = _opt("torch.compile the network", "Speed", False)
+    grad_compression: str = _opt("compress DDP gradients before the all-reduce (several processes only)",
+                                 "Speed", "none", choices=("none", "bf16", "fp16"))
+    num_threads: int = _opt("CPU threads per process (0 = the cores this process may use / local processes)",
+                            "Speed", 0, nonnegative=True)
+    # --- Checkpoints ---
+    resume: str | None = _opt("auto (latest complete checkpoint in --output-dir, or a fresh start) or PATH",
+                              "Checkpoints")
+    eval_only: bool = _opt("evaluate the resumed model on the run's saved split; train nothing",
+                           "Checkpoints", False)
+    checkpoint_every_epochs: int = _opt("save a checkpoint every N epochs (0 = never)", "Checkpoints", 1,
+                                        nonnegative=True)
+    checkpoint_every_steps: int = _opt("save a checkpoint every N optimizer steps (0 = never)",
+                                       "Checkpoints", 0, nonnegative=True)
+    keep_checkpoints: int = _opt("checkpoints kept; older ones are deleted once a new one is complete",
+                                 "Checkpoints", 2, positive=True)
+    max_skipped_steps: int = _opt("fp16: stop when the grad scaler skips this many steps in a row",
+                                  "Checkpoints", 50, positive=True)
+    # --- Tracking ---
+    wandb_project: str = _opt("W&B project", "Tracking", "transfer_learn_pytorch")
+    wandb_run_name: str | None = _opt("W&B run name (default: the output folder's name)", "Tracking")
+    wandb_mode: str | None = _opt("W&B mode (default: $WANDB_MODE; offline when no W&B credentials)",
+                                  "Tracking", None, choices=("online", "offline", "disabled"))
+    log_every: int = _opt("log the training loss every N steps", "Tracking", 10, positive=True)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the dataclass' checks; errors exit with code 2 and name the flag."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tl_dist.train", description="Fine-tune VGG16 on Caltech-101 with Accelerate.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        if f.type == "bool":
+            group.add_argument(_flag(f.name), action="store_true", help=meta["help"])
+            continue
+        kind = {"int": int, "float": float}.get(f.type, str)
+        group.add_argument(_flag(f.name), type=kind, default=f.default, choices=meta["choices"],
+                           metavar=None if meta["choices"] else f.name.split("_")[-1].upper(),
+                           help=meta["help"])
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = build_parser()
+    cfg = Config(**vars(parser.parse_args(argv)))
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("positive") and value <= 0:
+            parser.error(f"argument {_flag(f.name)}: must be a positive integer, got {value}")
+        if f.metadata.get("nonnegative") and value < 0:
+            parser.error(f"argument {_flag(f.name)}: must be 0 or more, got {value}")
+    if not 0.0 < cfg.test_fraction < 1.0:
+        parser.error(f"argument --test-fraction: must be between 0 and 1, got {cfg.test_fraction}")
+    if cfg.lr <= 0:
+        parser.error(f"argument --lr: must be positive, got {cfg.lr}")
+    if not 0.0 <= cfg.momentum < 1.0:
+        parser.error(f"argument --momentum: must be in [0, 1), got {cfg.momentum}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        parser.error(f"argument --dropout: must be in [0, 1), got {cfg.dropout}")
+    if cfg.num_workers < -1:
+        parser.error(f"argument --num-workers: must be -1 or more, got {cfg.num_workers}")
+    if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
+        parser.error(f"argument --weights: {cfg.weights!r} is neither imagenet, none nor an existing file")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
+        parser.error(f"argument --resume: {cfg.resume!r} is neither auto nor an existing checkpoint folder")
+    if cfg.eval_only and cfg.resume is None:
+        parser.error("argument --eval-only: needs --resume auto or --resume PATH (the model to evaluate)")
+    if cfg.resume == "auto" and cfg.output_dir is None:
+        parser.error("argument --resume: auto needs --output-dir (the run folder to resume)")
+    if cfg.cache_features == "on" and cfg.freeze != "features":
+        parser.error("argument --cache-features: on needs --freeze features (a trained backbone changes "
+                     "its features every step)")
+    cfg.cache_dir = os.path.expanduser(cfg.cache_dir)
+    return cfg

@@ -1,0 +1,364 @@
+"""Data: download, index, decode once into a cache, split, and batch. Plain torch/torchvision/PIL.
+
+The article decodes and resizes every JPEG again in every epoch. Here each image is decoded, converted to
+RGB and resized to SIZE x SIZE exactly once, into a memory-mapped uint8 array (the decoded-image cache).
+That decode is also the verify pass: a file that cannot be decoded is left out and reported. Batches are
+uint8 tensors; `normalize` turns them into the article's `ToTensor() + Normalize(ImageNet)` on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KAGGLE_DATASET = "imbikramsaha/caltech-101"
+CACHE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """A problem with the data that the user must fix; its message says how."""
+
+
+# ---------------------------------------------------------------- download
+
+
+def download_caltech101(dest: Path, sources=None) -> str:
+    """Download Caltech-101 into `dest` (class folders directly inside). Returns the source's name.
+
+    Tries Kaggle (the article's source), then torchvision's downloader. Each source writes into a
+    temporary folder beside `dest` that is renamed into place at the end, so an interrupted download
+    never looks like a complete dataset.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for name, fetch in sources or [("Kaggle", _fetch_kaggle), ("torchvision", _fetch_torchvision)]:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-download-", dir=dest.parent))
+        try:
+            class_root = find_image_root(fetch(tmp))
+            if dest.exists():  # another node finished first
+                return name
+            os.replace(class_root, dest)
+            return name
+        except Exception as exc:  # noqa: BLE001 - every failure moves on to the next source
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise DataError(
+        "could not download Caltech-101 (" + "; ".join(errors) + "). Put Kaggle credentials in "
+        "~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY, or download the data yourself and pass "
+        "--data-dir DIR (one folder per class).")
+
+
+def _fetch_kaggle(tmp: Path) -> Path:
+    # Imported here: importing kaggle without credentials raises, and most runs never download.
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    api = KaggleApi()
+    api.authenticate()
+    api.dataset_download_files(KAGGLE_DATASET, path=str(tmp), unzip=True, quiet=False)
+    return tmp
+
+
+def _fetch_torchvision(tmp: Path) -> Path:
+    from torchvision.datasets import Caltech101
+
+    Caltech101(root=str(tmp), target_type="category", download=True)
+    return tmp / "caltech101" / "101_ObjectCategories"
+
+
+# ---------------------------------------------------------------- index
+
+
+@dataclass
+class ImageIndex:
+    root: Path
+    files: list[str]  # relative to root, sorted
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, keep: list[int]) -> "ImageIndex":
+        return ImageIndex(self.root, [self.files[i] for i in keep], [self.labels[i] for i in keep],
+                          self.classes)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_FILES
+
+
+def find_image_root(data_dir: Path) -> Path:
+    """The folder whose sub-folders are the classes; descends through wrappers such as Kaggle's
+    nested `caltech-101/` or torchvision's `101_ObjectCategories/`."""
+    root = Path(data_dir)
+    while True:
+        entries = [p for p in root.iterdir() if not _hidden(p.name)]
+        dirs = [p for p in entries if p.is_dir()]
+        if len(dirs) == 1 and len(entries) == 1 and any(
+                c.is_dir() for c in dirs[0].iterdir() if not _hidden(c.name)):
+            root = dirs[0]
+            continue
+        return root
+
+
+def index_images(data_dir: Path, warn=print) -> ImageIndex:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} does not exist. Pass the folder that holds one "
+                        "sub-folder per class, or leave --data-dir at its default to download Caltech-101.")
+    root = find_image_root(data_dir)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p.name))
+    files, labels, classes, empty = [], [], [], []
+    for class_dir in class_dirs:
+        images = sorted(
+            str(p.relative_to(root)) for p in class_dir.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(_hidden(part) for part in p.relative_to(class_dir).parts))
+        if not images:
+            empty.append(class_dir.name)
+            continue
+        files += images
+        labels += [len(classes)] * len(images)
+        classes.append(class_dir.name)
+    if empty:
+        warn(f"warning: left out {len(empty)} class folder(s) with no images: {', '.join(empty)}")
+    if not classes:
+        raise DataError(f"no class folders with images in {root}. --data-dir must hold one sub-folder "
+                        f"per class with images ({', '.join(sorted(IMAGE_EXTENSIONS))}) inside.")
+    return ImageIndex(root, files, labels, classes)
+
+
+# ---------------------------------------------------------------- decode
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float grayscale
+        a = np.asarray(img, dtype=np.float64)
+        a = a / 257.0 if a.max() > 255 else a
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, image_size: int) -> np.ndarray:
+    """Decode strictly (a truncated file raises), convert to RGB, resize as the article does
+    (torchvision's `Resize((S, S))` on the PIL image). Returns a uint8 array S x S x 3."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            img = _to_rgb(img)
+    img = TF.resize(img, [image_size, image_size])
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def decode_rows(index: ImageIndex, rows, out: np.ndarray, image_size: int, threads: int) -> dict[int, str]:
+    """Decode index rows into `out`; returns {row: reason} for files that cannot be decoded.
+    PIL releases the GIL while decoding and resizing, so threads use the cores."""
+    def one(row):
+        try:
+            out[row] = load_image(index.root / index.files[row], image_size)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
+            return row, _describe(exc)
+        return row, None
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return {row: why for row, why in pool.map(one, rows) if why is not None}
+
+
+class ImageCache:
+    """The decoded-image cache: `<cache_dir>/images-<key>.npy` (N x S x S x 3 uint8) and a `.json`
+    beside it listing the files that could not be decoded. The key covers the data folder, every file's
+    path, size and modification time, and the image size. The .json is written last: a cache without
+    it is incomplete and is built again."""
+
+    def __init__(self, cache_dir: str | Path, index: ImageIndex, image_size: int):
+        digest = hashlib.sha256(f"v{CACHE_VERSION} {index.root.resolve()} {image_size}\n".encode())
+        for rel in index.files:
+            st = (index.root / rel).stat()
+            digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        self.key = digest.hexdigest()[:20]
+        self.dir = Path(cache_dir)
+        self.array_path = self.dir / f"images-{self.key}-{image_size}px.npy"
+        self.meta_path = self.array_path.with_suffix(".json")
+        self.index, self.image_size = index, image_size
+
+    def complete(self) -> bool:
+        return self.meta_path.is_file() and self.array_path.is_file()
+
+    def create_tmp(self, tag: str) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{self.array_path.stem}.{tag}.npy"
+        shape = (len(self.index), self.image_size, self.image_size, 3)
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
+        return tmp
+
+    def fill(self, tmp: Path, rows, threads: int) -> dict[int, str]:
+        out = np.load(tmp, mmap_mode="r+")
+        bad = decode_rows(self.index, rows, out, self.image_size, threads)
+        out.flush()
+        return bad
+
+    def publish(self, tmp: Path, bad: dict[int, str]) -> None:
+        meta = {"files": len(self.index), "image_size": self.image_size,
+                "bad": {self.index.files[r]: why for r, why in sorted(bad.items())}}
+        os.replace(tmp, self.array_path)
+        tmp_meta = self.meta_path.with_name(f".{self.meta_path.name}.{os.getpid()}")
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, self.meta_path)
+
+    def bad_files(self) -> dict[str, str]:
+        return json.loads(self.meta_path.read_text())["bad"]
+
+
+# ---------------------------------------------------------------- split
+
+
+def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Per class, floor(n * f + 0.5) test images (at least 1 when the class has 2 or more), chosen by
+    `seed`. The same on every process. Returns sorted (train, test) positions."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train, test = [], []
+    for y in sorted(by_class):
+        members = by_class[y]
+        n_test = int(len(members) * test_fraction + 0.5)
+        if len(members) >= 2:
+            n_test = min(max(n_test, 1), len(members) - 1)
+        else:
+            n_test = 0
+        order = torch.randperm(len(members), generator=g).tolist()
+        test += [members[i] for i in order[:n_test]]
+        train += [members[i] for i in order[n_test:]]
+    return sorted(train), sorted(test)
+
+
+def stratified_sample(labels: list[int], max_samples: int, seed: int) -> list[int]:
+    """At most `max_samples` positions, each class keeping its share (at least 1 image)."""
+    if max_samples <= 0 or max_samples >= len(labels):
+        return list(range(len(labels)))
+    keep_fraction = max_samples / len(labels)
+    g = torch.Generator().manual_seed(seed + 1)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    keep = []
+    for y in sorted(by_class):
+        members = by_class[y]
+        k = max(1, int(len(members) * keep_fraction + 0.5))
+        order = torch.randperm(len(members), generator=g).tolist()
+        keep += [members[i] for i in order[:k]]
+    return sorted(keep)
+
+
+# ---------------------------------------------------------------- datasets and batches
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """Rows of the decoded-image cache as uint8 CHW tensors, fetched a whole batch at a time."""
+
+    def __init__(self, array_path: Path, rows: list[int], labels: list[int]):
+        self.array_path, self.rows, self.labels = Path(array_path), list(rows), torch.tensor(labels)
+        self._array = None  # opened lazily, so each loader worker maps the file itself
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def images(self, positions) -> torch.Tensor:
+        if self._array is None:
+            self._array = np.load(self.array_path, mmap_mode="r")
+        rows = [self.rows[p] for p in positions]
+        return torch.from_numpy(self._array[rows]).permute(0, 3, 1, 2)  # N x 3 x S x S uint8
+
+    def __getitems__(self, positions):
+        positions = list(positions)
+        return self.images(positions), self.labels[positions], torch.tensor(positions)
+
+    def __getitem__(self, position):
+        images, labels, positions = self.__getitems__([position])
+        return images[0], labels[0], positions[0]
+
+
+def _as_batch(batch):
+    return batch  # __getitems__ already returns a whole batch
+
+
+def make_loader(dataset, batch_sampler=None, batch_size: int | None = None, num_workers: int = 0,
+                pin_memory: bool = False):
+    """A DataLoader over whole batches: either `batch_sampler` (training) or sequential batches of
+    `batch_size` (evaluation; Accelerate's `prepare` shards those). It gets its own generator: creating
+    its iterator must not draw from the global RNG, whose state (dropout) a resumed run restores."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
+    return torch.utils.data.DataLoader(
+        dataset, **batching, collate_fn=_as_batch, num_workers=num_workers, pin_memory=pin_memory,
+        persistent_workers=num_workers > 0, generator=torch.Generator())
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """torch's DistributedSampler (disjoint per-process shards that together cover the data, reshuffled
+    each epoch from seed + epoch, padded to equal length) cut into batches, able to start mid-epoch."""
+
+    def __init__(self, size: int, batch_size: int, num_replicas: int, rank: int, seed: int,
+                 shuffle: bool = True):
+        self.sampler = torch.utils.data.DistributedSampler(
+            range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.batch_size, self.start_batch = batch_size, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __iter__(self):
+        indices = list(self.sampler)
+        for start in range(self.start_batch * self.batch_size, len(indices), self.batch_size):
+            yield indices[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-self.sampler.num_samples // self.batch_size) - self.start_batch
+
+
+class FeatureRows(torch.utils.data.Dataset):
+    """Precomputed backbone features (on the device) with their labels, fetched a batch at a time."""
+
+    def __init__(self, features: torch.Tensor, labels: list[int]):
+        self.features, self.labels = features, torch.tensor(labels, device=features.device)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitems__(self, positions):
+        idx = torch.tensor(list(positions), device=self.features.device)
+        return self.features[idx], self.labels[idx], idx
+
+
+def normalize(images: torch.Tensor, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """uint8 N x 3 x S x S -> the article's ToTensor() + Normalize(ImageNet mean, std), on their device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    x = (images.to(dtype) / 255 - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -1,0 +1,83 @@
+"""The network: VGG16 with ImageNet weights, frozen conv features, a new last layer. Plain torch.
+
+`TransferNet` keeps torchvision's attribute names (features, avgpool, classifier), so its state_dict is a
+torchvision VGG16 state_dict. Its forward can start from pooled backbone features (`pooled=True`): that is
+how the frozen-feature cache trains the classifier through the same (DDP-wrapped) module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+
+class WeightsError(RuntimeError):
+    """A weights file that cannot be used; the message says what to do."""
+
+
+class TransferNet(nn.Module):
+    def __init__(self, features: nn.Module, avgpool: nn.Module, classifier: nn.Sequential):
+        super().__init__()
+        self.features, self.avgpool, self.classifier = features, avgpool, classifier
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled, flattened backbone features (25088 per image for VGG16)."""
+        return torch.flatten(self.avgpool(self.features(x)), 1)
+
+    def forward(self, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
+        return self.classifier(x if pooled else self.embed(x))
+
+
+def _vgg_tiny(dropout: float) -> models.VGG:
+    """A small network with VGG16's layout (features / avgpool / classifier[0..6]) for fast tests."""
+    net = nn.Module()
+    net.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                 nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    net.avgpool = nn.AdaptiveAvgPool2d((2, 2))
+    net.classifier = nn.Sequential(nn.Linear(64, 64), nn.ReLU(True), nn.Dropout(dropout),
+                                   nn.Linear(64, 64), nn.ReLU(True), nn.Dropout(dropout), nn.Linear(64, 1000))
+    return net
+
+
+def _load_state_dict(net: nn.Module, path: Path, arch: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # a file from outside the run
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"--weights {path}: cannot be read as a PyTorch state_dict ({type(exc).__name__}). "
+                           f"Pass a file saved with torch.save(model.state_dict()), or imagenet / none.")
+    if not isinstance(state, dict):
+        raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict. Save it with "
+                           "torch.save(model.state_dict(), PATH).")
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        missing = len([line for line in str(exc).splitlines() if "Missing" in line or "size mismatch" in line])
+        raise WeightsError(f"--weights {path}: does not match torchvision's {arch} with its 1000-way head "
+                           f"({'mismatched or missing keys' if missing else 'unexpected keys'}). Pass the "
+                           f"state_dict of torchvision.models.{arch}(), or imagenet / none.") from None
+
+
+def build_model(arch: str, num_classes: int, weights: str, freeze: str, dropout: float) -> TransferNet:
+    """`weights`: imagenet | none | PATH. With imagenet, call under `main_process_first()` so that one
+    process downloads the file and the others find it in torch's cache."""
+    if arch == "vgg16":
+        tv_weights = models.VGG16_Weights.IMAGENET1K_V1 if weights == "imagenet" else None
+        net = models.vgg16(weights=tv_weights, dropout=dropout)
+    else:
+        if weights == "imagenet":
+            raise WeightsError("--weights imagenet exists only for --model vgg16; use none or a PATH.")
+        net = _vgg_tiny(dropout)
+    if weights not in ("imagenet", "none"):
+        _load_state_dict(net, Path(weights), arch)
+    net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
+    model = TransferNet(net.features, net.avgpool, net.classifier)
+    if freeze == "features":
+        model.features.requires_grad_(False)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

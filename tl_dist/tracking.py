@@ -1,0 +1,92 @@
+"""Weights & Biases through Accelerate's tracker, on the main process only.
+
+wandb is imported only when a run logs to it, so `--wandb-mode disabled` needs no wandb at all.
+One run id per training run, kept in `<run_dir>/wandb_run_id`: a resumed or requeued run continues the
+same W&B run. `<run_dir>/wandb_last_step` records the last step handed to W&B (written before the step is
+logged), so that steps redone after a crash are not logged a second time.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import secrets
+import string
+from pathlib import Path
+from urllib.parse import urlparse
+
+RUN_ID_FILE = "wandb_run_id"
+LAST_STEP_FILE = "wandb_last_step"
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def resolve_mode(cli_mode: str | None) -> tuple[str, str | None]:
+    """The W&B mode and, when we chose offline for the user, a note saying why."""
+    mode = cli_mode or os.environ.get("WANDB_MODE")
+    if mode in ("dryrun",):
+        mode = "offline"
+    if mode:
+        return mode, None
+    if has_wandb_credentials():
+        return "online", None
+    return "offline", "no W&B credentials found (wandb login or WANDB_API_KEY): logging offline"
+
+
+class Tracker:
+    """Logs on the main process; a no-op everywhere else and when W&B is disabled."""
+
+    def __init__(self, accelerator, run_dir: Path, mode: str):
+        self.accelerator, self.run_dir, self.mode = accelerator, Path(run_dir), mode
+        self.enabled = mode != "disabled"
+        self.run_id: str | None = None
+        self.skip_until = -1
+        self.wandb_dir: Path | None = None
+
+    def start(self, project: str, run_name: str, config: dict) -> None:
+        if not self.enabled:
+            return
+        id_file = self.run_dir / RUN_ID_FILE
+        if self.accelerator.is_main_process:
+            if id_file.is_file():
+                self.run_id = id_file.read_text().strip()
+            else:
+                alphabet = string.ascii_lowercase + string.digits
+                self.run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+                id_file.write_text(self.run_id + "\n")
+            last = self.run_dir / LAST_STEP_FILE
+            self.skip_until = int(last.read_text()) if last.is_file() else -1
+        self.wandb_dir = Path(os.environ.get("WANDB_DIR") or self.run_dir)
+        init = {"id": self.run_id, "resume": "allow", "name": run_name, "mode": self.mode,
+                "dir": str(self.wandb_dir)}
+        # Accelerate creates the W&B run on the main process only.
+        self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": init})
+
+    def log(self, values: dict, step: int) -> None:
+        """Log `values` at `step`, unless this run already logged that step before a crash."""
+        if not (self.enabled and self.accelerator.is_main_process) or step <= self.skip_until:
+            return
+        (self.run_dir / LAST_STEP_FILE).write_text(f"{step}\n")
+        self.accelerator.log(values, step=step)
+
+    def images(self, key: str, images, captions: list[str], step: int) -> None:
+        """A list of wandb.Image from uint8 N x 3 x H x W tensors."""
+        if not (self.enabled and self.accelerator.is_main_process):
+            return
+        import wandb
+
+        pictures = [wandb.Image(img.permute(1, 2, 0).cpu().numpy(), caption=cap)
+                    for img, cap in zip(images, captions)]
+        self.log({key: pictures}, step)
+
+    def finish(self) -> None:
+        if self.enabled:
+            self.accelerator.end_training()
