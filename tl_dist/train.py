@@ -35,6 +35,7 @@ from tl_dist.data import (CachedImages, DataError, FeatureRows, ImageCache, Imag
                           stratified_sample, stratified_split)
 from tl_dist.engine import Batches, StopRequest, evaluate, extract_features, fit  # noqa: E402
 from tl_dist.model import WeightsError, build_model, trainable_parameters  # noqa: E402
+from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
 from tl_dist.tracking import Tracker, resolve_mode  # noqa: E402
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed on a signal or STOP file; run again with --resume auto
@@ -255,7 +256,7 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
         test_batches = Batches(test_loader, pooled=False, channels_last=cfg.channels_last)
 
     if cfg.eval_only:
-        return run_eval_only(cfg, accelerator, console, model, test_batches, classes, run_dir, ckpt)
+        return run_eval_only(cfg, accelerator, console, model, test_batches, test_images, classes, run_dir, ckpt)
 
     # ---- tracking
     state = resumed or TrainState()
@@ -303,6 +304,8 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
     # ---- evaluate after fine-tuning, save, report
     test_metrics, outputs = evaluate(accelerator, model, test_batches, classes)
     log_evaluation(tracker, "finetuned", test_metrics, outputs, test_images, classes, step=state.global_step)
+    report = build_report(outputs, classes)  # from the gathered outputs: the same on every process
+    test_metrics["per_class"] = report.per_class()
     state.finished = True
     state.best_accuracy = test_metrics["accuracy"]
     metrics = {
@@ -314,10 +317,11 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
     if accelerator.is_main_process:
         save_final_model(accelerator, model, run_dir, state, classes, run_config)
         write_json(run_dir / "metrics.json", metrics)
+        write_report(report, run_dir, test_images, console.warn)
     accelerator.wait_for_everyone()
+    log_report(tracker, report, run_dir, "finetuned", step=state.global_step)
     tracker.finish()
-    console.comparison(state.baseline, test_metrics)
-    console.print(f"metrics: {run_dir / 'metrics.json'}; model: {run_dir / FINAL_MODEL}")
+    print_summary(console, report, state.baseline, test_metrics, run_dir)
     return 0
 
 
@@ -334,15 +338,21 @@ def log_evaluation(tracker: Tracker, prefix: str, metrics: dict, outputs: dict, 
     tracker.images(f"{prefix}/predictions", test_images.images(range(n)), captions, step=step)
 
 
-def run_eval_only(cfg, accelerator, console, model, test_batches, classes, run_dir, ckpt) -> int:
-    test_metrics, _ = evaluate(accelerator, model, test_batches, classes)
+def run_eval_only(cfg, accelerator, console, model, test_batches, test_images, classes, run_dir, ckpt) -> int:
+    test_metrics, outputs = evaluate(accelerator, model, test_batches, classes)
+    report = build_report(outputs, classes)
+    test_metrics["per_class"] = report.per_class()
+    baseline = None
     if accelerator.is_main_process:
         path = run_dir / "metrics.json"
         metrics = json.loads(path.read_text()) if path.is_file() else {}
         metrics["test"] = test_metrics
         metrics["eval_only"] = {"checkpoint": str(ckpt), "num_processes": accelerator.num_processes}
         write_json(path, metrics)
-    console.comparison(None, test_metrics)
+        write_report(report, run_dir, test_images, console.warn)
+        baseline = metrics.get("baseline")  # the training run's, on the same split
+    accelerator.wait_for_everyone()
+    print_summary(console, report, baseline, test_metrics, run_dir)
     return 0
 
 

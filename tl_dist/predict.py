@@ -1,0 +1,190 @@
+"""Classify images with a fine-tuned model: `python -m tl_dist.predict --checkpoint DIR IMAGE_OR_FOLDER...`.
+
+DIR is a run's output folder (its final model, `model/`, or else its newest checkpoint), the `model/`
+folder itself, or one `checkpoints/step_N` folder. The class names come from its classes.json and the
+network and image size from the run's config.json, so no dataset is needed. Images go through the same
+decoding and resizing as training (data.load_image) and are batched; a file that cannot be read gets an
+error (on stderr, or as a JSON line with an `error` field) and the others go on.
+
+Exit status: 0 when every input was classified, 1 when some could not be read, 2 for a bad command line
+or a DIR that holds no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from tl_dist.checkpoint import (CLASSES_FILE, FINAL_MODEL, WEIGHTS_FILE, CheckpointError, find_latest_checkpoint,
+                                load_weights, read_classes)
+from tl_dist.data import IMAGE_EXTENSIONS, _hidden, load_image, normalize
+from tl_dist.model import build_model
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tl_dist.predict", description="Top-k classes of images, from a fine-tuned tl_dist model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a run's output folder (its final model, else its newest checkpoint), its model/ "
+                             "folder, or one checkpoints/step_N folder")
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                        help="image files, or folders searched recursively for images")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per input on stdout (unreadable ones with an `error` field)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="resize to SIZE x SIZE (default: the run's --image-size from its config.json)")
+    return parser
+
+
+# ---------------------------------------------------------------- the model
+
+
+def resolve_model_dir(path: Path) -> Path:
+    """The folder holding the weights: DIR itself, DIR/model, or the run's newest checkpoint."""
+    if (path / WEIGHTS_FILE).is_file():
+        return path
+    found = find_latest_checkpoint(path) if path.is_dir() else None
+    if found is None:
+        raise CheckpointError(f"--checkpoint {path}: no model here. Pass a run's output folder (with a "
+                              f"{FINAL_MODEL}/ or checkpoints/step_N folder), or one of those folders.")
+    return found
+
+
+def read_run_config(model_dir: Path) -> dict:
+    """The run's config.json: beside the weights for a final model; in the run folder for a checkpoint."""
+    for candidate in (model_dir / "config.json", model_dir.parent.parent / "config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def load_model(model_dir: Path, device: torch.device):
+    """(network in eval mode on `device`, class names, run config)."""
+    if not (model_dir / CLASSES_FILE).is_file():
+        raise CheckpointError(f"--checkpoint {model_dir}: has no {CLASSES_FILE}, so the class names are "
+                              "unknown. Pass a folder written by tl_dist.train.")
+    classes = read_classes(model_dir)
+    config = read_run_config(model_dir)
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / WEIGHTS_FILE), "pt") as weights:
+        # VGG16's features have 13 conv layers (the last is features.28); the tiny stand-in has 2.
+        deep = any(k.removeprefix("module.").startswith("features.28.") for k in weights.keys())
+    arch = config.get("model") or ("vgg16" if deep else "vgg_tiny")
+    model = build_model(arch, len(classes), "none", "none", config.get("dropout", 0.5))
+    load_weights(model, model_dir)
+    return model.eval().to(device), classes, config
+
+
+# ---------------------------------------------------------------- the inputs
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given (whatever their extension: a user who names a file means it); folders searched
+    recursively for image files, in sorted order, hidden files left out as in training."""
+    paths = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(_hidden(part) for part in p.relative_to(path).parts))
+            paths += found or [path]  # an empty folder is reported as such
+        else:
+            paths.append(path)
+    return paths
+
+
+def read_image(path: Path, image_size: int) -> tuple[torch.Tensor | None, str | None]:
+    """(uint8 3 x S x S, None) or (None, why it cannot be read)."""
+    if not path.exists():
+        return None, "no such file or folder"
+    if path.is_dir():
+        return None, f"a folder with no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    if path.stat().st_size == 0:
+        return None, "empty file (0 bytes)"
+    try:
+        return torch.from_numpy(load_image(path, image_size)).permute(2, 0, 1), None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, the others go on
+        return None, f"cannot be read as an image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+
+
+@torch.inference_mode()
+def predict(model, paths: list[Path], image_size: int, device: torch.device, top_k: int, batch_size: int):
+    """Yields one result dict per path, in order: {"file", "top_k": [{"class", "probability"}]} or
+    {"file", "error"}. Decoding is threaded (PIL releases the GIL); the forward pass runs per batch."""
+    with ThreadPoolExecutor(max(1, min(8, torch.get_num_threads()))) as pool:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            decoded = list(pool.map(lambda p: read_image(p, image_size), chunk))
+            good = [img for img, _ in decoded if img is not None]
+            if good:
+                x = normalize(torch.stack(good).to(device))
+                probs = torch.softmax(model(x).float(), dim=1)
+                top = probs.topk(top_k, dim=1)
+                values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
+            row = 0
+            for path, (img, error) in zip(chunk, decoded):
+                if img is None:
+                    yield {"file": str(path), "error": error}
+                    continue
+                yield {"file": str(path), "top_k": list(zip(indices[row], values[row]))}
+                row += 1
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
+        parser.error("--top-k, --batch-size and --image-size must be positive")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    try:
+        model_dir = resolve_model_dir(Path(args.checkpoint))
+        model, classes, config = load_model(model_dir, device)
+    except CheckpointError as exc:
+        parser.error(str(exc).replace("--resume", "--checkpoint"))
+    image_size = args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE
+    top_k = min(args.top_k, len(classes))
+    paths = expand_inputs(args.inputs)
+    info = sys.stderr
+    print(f"model: {model_dir} ({config.get('model', 'unknown network')}, {len(classes)} classes, "
+          f"{image_size} px) on {device}; {len(paths)} image(s)", file=info)
+    if not config:
+        print(f"warning: no config.json found for {model_dir}; assuming {image_size} px images "
+              "(set --image-size)", file=info)
+
+    failed = 0
+    for result in predict(model, paths, image_size, device, top_k, args.batch_size):
+        failed += "error" in result
+        if args.json:
+            if "top_k" in result:
+                result["top_k"] = [{"class": classes[c], "probability": round(p, 6)} for c, p in result["top_k"]]
+            print(json.dumps(result), flush=True)
+        elif "error" in result:
+            print(f"error: {result['file']}: {result['error']}", file=sys.stderr, flush=True)
+        else:
+            print(result["file"])
+            for rank, (c, p) in enumerate(result["top_k"], 1):
+                print(f"  {rank}. {classes[c]:<24} {p:7.2%}")
+            sys.stdout.flush()
+    if failed:
+        print(f"{failed} of {len(paths)} input(s) could not be read", file=info)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
