@@ -67,18 +67,18 @@ def run_env(extra: dict | None = None) -> dict:
     env.update(PYTHONPATH=str(REPO), WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1",
                **PLANTED_SECRETS)
     env.update(extra or {})
-    return env
+    return {k: v for k, v in env.items() if v is not None}  # extra={"NAME": None} removes NAME
 
 
 def launch(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 600,
-           check: bool = True) -> subprocess.CompletedProcess:
+           check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`accelerate launch tl_dist/train.py ARGS` with `nproc` CPU processes (gloo when more than one)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--num_processes", str(nproc)]
     if nproc > 1:
         cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
     cmd += [str(REPO / "tl_dist" / "train.py"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=run_env(env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=run_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit code {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}\n"
                              f"--- stderr\n{proc.stderr[-8000:]}")

@@ -168,7 +168,7 @@ def load_image(path: str | Path, image_size: int) -> np.ndarray:
             img.load()
             img = _to_rgb(img)
     img = TF.resize(img, [image_size, image_size])
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)
 
 
 def _describe(exc: Exception) -> str:

@@ -1,0 +1,122 @@
+"""Index, split and decode rules, on the real sample and on generated trees."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from tl_dist.data import (DataError, ImageCache, find_image_root, index_images, load_image, normalize,
+                          stratified_sample, stratified_split)
+
+
+def test_real_sample_index(sample_dir):
+    """The Kaggle layout's nested caltech-101/ is found; 102 classes as in the article; the extensionless
+    BACKGROUND_Google/tmp is not an image."""
+    index = index_images(sample_dir)
+    assert index.root == sample_dir / "caltech-101"
+    assert len(index.classes) == 102 and "BACKGROUND_Google" in index.classes
+    assert len(index) == 2040
+    assert "BACKGROUND_Google/tmp" not in index.files
+    assert index.classes == sorted(index.classes)
+    counts = np.bincount(index.labels)
+    assert counts.min() >= 19 and counts.sum() == 2040
+
+
+def test_split_is_stratified_deterministic_and_disjoint(sample_dir):
+    index = index_images(sample_dir)
+    train, test = stratified_split(index.labels, 0.2, seed=0)
+    assert sorted(train + test) == list(range(len(index))) and not set(train) & set(test)
+    per_class_test = np.bincount([index.labels[i] for i in test], minlength=102)
+    per_class_all = np.bincount(index.labels, minlength=102)
+    assert (per_class_test == np.floor(per_class_all * 0.2 + 0.5)).all()  # 20 -> 4, 19 -> 4
+    assert stratified_split(index.labels, 0.2, seed=0) == (train, test)
+    assert stratified_split(index.labels, 0.2, seed=1) != (train, test)
+
+
+def test_split_keeps_one_test_image_per_class_of_two_or_more():
+    labels = [0, 0, 1, 1, 1, 2]  # 2, 3 and 1 images
+    train, test = stratified_split(labels, 0.1, seed=0)
+    assert sorted(labels[i] for i in test) == [0, 1]  # round(0.2)=0 -> 1; a single image stays in train
+    assert len(train) == 4
+
+
+def test_stratified_sample_keeps_every_class(sample_dir):
+    index = index_images(sample_dir)
+    keep = stratified_sample(index.labels, 200, seed=0)
+    assert 190 <= len(keep) <= 210
+    assert len({index.labels[i] for i in keep}) == 102
+
+
+def test_index_rules(tmp_path):
+    root = tmp_path / "data" / "wrapper"
+    (root / "cats").mkdir(parents=True)
+    (root / "dogs" / ".ipynb_checkpoints").mkdir(parents=True)
+    (root / ".hidden_class").mkdir()
+    (root / "empty").mkdir()
+    img = Image.new("RGB", (8, 8), "red")
+    img.save(root / "cats" / "a.JPG")
+    img.save(root / "cats" / "b.webp")
+    img.save(root / "cats" / ".c.jpg")
+    img.save(root / "dogs" / "d.png")
+    img.save(root / "dogs" / ".ipynb_checkpoints" / "e.png")
+    img.save(root / ".hidden_class" / "f.png")
+    (root / "dogs" / "Thumbs.db").write_bytes(b"x")
+    (root / "dogs" / "notes.txt").write_text("x")
+    warnings = []
+    index = index_images(tmp_path / "data", warn=warnings.append)
+    assert index.root == root
+    assert index.classes == ["cats", "dogs"]
+    assert index.files == ["cats/a.JPG", "cats/b.webp", "dogs/d.png"] and index.labels == [0, 0, 1]
+    assert len(warnings) == 1 and "empty" in warnings[0]
+
+
+def test_missing_and_empty_data_dir_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        index_images(tmp_path / "nope")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DataError, match="no class folders with images"):
+        index_images(tmp_path)
+
+
+def test_decoded_image_matches_the_articles_transform(sample_dir):
+    """uint8 cache + normalize() on the device == Resize((S, S)) + ToTensor + Normalize on the PIL image,
+    grayscale images included."""
+    article = transforms.Compose([transforms.Resize((64, 64)), transforms.ToTensor(),
+                                  transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    index = index_images(sample_dir)
+    grays = [f for f in index.files[:400] if Image.open(index.root / f).mode == "L"][:2]
+    assert grays, "the sample has grayscale images"
+    for rel in grays + index.files[:3]:
+        ours = normalize(torch.from_numpy(load_image(index.root / rel, 64)).permute(2, 0, 1)[None])[0]
+        theirs = article(Image.open(index.root / rel).convert("RGB"))
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_image_cache_is_keyed_by_files_and_size(image_tree, tmp_path):
+    index = index_images(image_tree)
+    cache = ImageCache(tmp_path, index, 16)
+    assert not cache.complete()
+    tmp = cache.create_tmp("t")
+    bad = cache.fill(tmp, range(len(index)), threads=2)
+    cache.publish(tmp, bad)
+    assert cache.complete() and cache.bad_files() == {}
+    arr = np.load(cache.array_path, mmap_mode="r")
+    assert arr.shape == (len(index), 16, 16, 3) and arr.dtype == np.uint8
+    np.testing.assert_array_equal(arr[5], load_image(index.root / index.files[5], 16))
+    assert json.loads(cache.meta_path.read_text())["files"] == len(index)
+    assert ImageCache(tmp_path, index, 16).key == cache.key
+    assert ImageCache(tmp_path, index, 24).array_path != cache.array_path
+    assert ImageCache(tmp_path, index.subset(list(range(10))), 16).key != cache.key
+
+
+def test_find_image_root_descends_only_through_wrappers(tmp_path):
+    (tmp_path / "caltech-101" / "a").mkdir(parents=True)
+    (tmp_path / "caltech-101" / "b").mkdir()
+    assert find_image_root(tmp_path) == tmp_path / "caltech-101"
+    (tmp_path / "single" / "only_class").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "single" / "only_class" / "x.png")
+    # one class folder holding images is a dataset of one class, not a wrapper
+    assert find_image_root(tmp_path / "single") == tmp_path / "single"
