@@ -86,7 +86,8 @@ class Config:
     wandb_run_name: str | None = _opt("W&B run name (default: the output folder's name)", "Tracking")
     wandb_mode: str | None = _opt("W&B mode (default: $WANDB_MODE; offline when no W&B credentials)",
                                   "Tracking", None, choices=("online", "offline", "disabled"))
-    log_every: int = _opt("log the training loss every N steps", "Tracking", 10, positive=True)
+    log_every: int = _opt("print a progress line every N steps when the output is not a terminal (W&B gets "
+                                 "every step)", "Tracking", 10, positive=True)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -339,7 +339,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
             yield indices[start:start + self.batch_size]
 
     def __len__(self) -> int:
-        return -(-self.sampler.num_samples // self.batch_size) - self.start_batch
+        return max(0, -(-self.sampler.num_samples // self.batch_size) - self.start_batch)
 
 
 class FeatureRows(torch.utils.data.Dataset):

@@ -125,7 +125,6 @@ def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: Train
     """Train from `state` to the end of --epochs (or --max-steps). Returns "finished", "stopped" (a signal
     or STOP file: checkpoint saved) or "diverged" (a non-finite loss: nothing saved after it)."""
     sampler = batches.loader.batch_sampler
-    global_batch = cfg.batch_size * accelerator.num_processes
     skipped = SkippedSteps(cfg.max_skipped_steps)
 
     def checkpoint():
@@ -163,19 +162,18 @@ def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: Train
             state.step_in_epoch += 1
             state.epoch_loss_sum += step_loss
             state.epoch_loss_steps += 1
-            state.train_images += global_batch
+            state.train_images += len(y) * accelerator.num_processes
             now = time.perf_counter()
             state.train_seconds += now - tic
             tic = now
             state.skipped_steps = skipped.total
             images_per_second = state.train_images / max(state.train_seconds, 1e-9)
-            log_now = state.global_step % cfg.log_every == 0
-            if log_now:
-                tracker.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
-                             "train/images_per_second": images_per_second, "epoch": epoch + 1,
-                             "train/skipped_steps": skipped.total}, step=state.global_step)
+            tracker.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
+                         "train/images_per_second": images_per_second, "epoch": epoch + 1,
+                         "train/skipped_steps": skipped.total}, step=state.global_step)
             console.advance(task, state.step_in_epoch, steps_per_epoch,
-                            f"loss {step_loss:.4f}  {images_per_second:,.0f} img/s", log_line=log_now)
+                            f"loss {step_loss:.4f}  {images_per_second:,.0f} img/s",
+                            log_line=state.global_step % cfg.log_every == 0)
 
             end_of_epoch = state.step_in_epoch == steps_per_epoch
             last_step = cfg.max_steps and state.global_step >= cfg.max_steps
