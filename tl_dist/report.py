@@ -10,6 +10,7 @@ Files, in the run folder:
 - confusion_matrix.csv the full matrix with class names (rows = true class, columns = predicted class)
 - confusion_matrix.png the most confused classes, ordered so that the largest confusions come first
 - mistakes.png         the highest-confidence wrong predictions, captioned `pred / label / confidence`
+- mistakes.csv         the same mistakes with their files (from the run's split.json), to look at or relabel
 
 Pictures are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display needed) and
 torchvision's `make_grid`.
@@ -18,6 +19,7 @@ torchvision's `make_grid`.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ PER_CLASS_CSV = "per_class.csv"
 CONFUSION_CSV = "confusion_matrix.csv"
 CONFUSION_PNG = "confusion_matrix.png"
 MISTAKES_PNG = "mistakes.png"
+MISTAKES_CSV = "mistakes.csv"
 
 MAX_MATRIX_CLASSES = 30  # more rows than this are unreadable in a picture; the CSV has them all
 MAX_PAIRS = 20  # confused pairs listed beside the matrix
@@ -113,7 +116,8 @@ def build_report(outputs: dict, classes: list[str], max_mistakes: int = MAX_MIST
 def report_files(run_dir: Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     return {"per-class table": run_dir / PER_CLASS_CSV, "confusion matrix": run_dir / CONFUSION_PNG,
-            "confusion matrix, all classes": run_dir / CONFUSION_CSV, "worst mistakes": run_dir / MISTAKES_PNG}
+            "confusion matrix, all classes": run_dir / CONFUSION_CSV, "worst mistakes": run_dir / MISTAKES_PNG,
+            "worst mistakes, with files": run_dir / MISTAKES_CSV}
 
 
 def write_report(report: Report, run_dir: Path, test_images, warn=print) -> None:
@@ -128,6 +132,8 @@ def write_report(report: Report, run_dir: Path, test_images, warn=print) -> None
              ("worst mistakes", lambda: draw_mistakes(
                  report, test_images.images(report.mistake_positions) if report.mistake_positions else None,
                  files["worst mistakes"]))]
+    steps.append(("worst mistakes, with files", lambda: write_mistakes_csv(report, run_dir, files[
+        "worst mistakes, with files"])))
     for what, write in steps:
         try:
             write()
@@ -152,6 +158,19 @@ def write_confusion_csv(report: Report, path: Path) -> None:
         writer.writerow(["true \\ predicted", *report.classes])
         for name, row in zip(report.classes, report.confusion.tolist()):
             writer.writerow([name, *row])
+
+
+def write_mistakes_csv(report: Report, run_dir: Path, path: Path) -> None:
+    """Position k of the test split is the k-th file of split.json's "test" list."""
+    split = Path(run_dir) / "split.json"
+    test_files = json.loads(split.read_text())["test"] if split.is_file() else None
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "test_position", "file", "label", "pred", "confidence"])
+        for rank, (pos, pred, label, conf) in enumerate(zip(report.mistake_positions, report.mistake_preds,
+                                                            report.mistake_labels, report.mistake_confidences), 1):
+            writer.writerow([rank, pos, test_files[pos] if test_files else "", report.classes[label],
+                             report.classes[pred], f"{conf:.6f}"])
 
 
 def matrix_classes(report: Report, limit: int = MAX_MATRIX_CLASSES) -> list[int]:
@@ -328,12 +347,10 @@ def print_summary(console, report: Report, baseline: dict | None, finetuned: dic
         table.add_row(r["class"], str(r["support"]), _pct(r["accuracy"]), _pct(r["precision"]), _pct(r["f1"]),
                       confused)
     console.print(table)
-    where = Table(title="Files", show_header=False)
-    where.add_column("what")
-    where.add_column("path", overflow="fold")
+    # Plain lines, never folded: a path must stay whole to be copied.
+    console.print("[bold]Files[/]")
     run_dir = Path(run_dir)
     files = {"metrics": run_dir / "metrics.json", **report_files(run_dir), "final model": run_dir / "model"}
     for what, path in files.items():
         if path.exists():
-            where.add_row(what, str(path))
-    console.print(where)
+            console.print(f"  {what + ':':<28} {path}", soft_wrap=True)
