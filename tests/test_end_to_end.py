@@ -105,7 +105,7 @@ def check_run(out: Path, num_processes: int, num_classes: int = 102):
         for caption in captions:
             pred, label = caption.removeprefix("pred: ").split(" / label: ")
             assert pred in split["classes"] and label in split["classes"]
-        pngs = list((run_dir / "files" / "media" / "images" / prefix).glob("*.png"))
+        pngs = list((run_dir / "files" / "media" / "images" / prefix).glob("predictions_*.png"))
         assert len(pngs) == 32
     config = wandb_reader.config(run_dir)
     assert config["global_batch_size"] == 32 * num_processes and config["lr"] == 0.001
