@@ -12,6 +12,7 @@ import netrc
 import os
 import secrets
 import string
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -50,6 +51,7 @@ class Tracker:
         self.run_id: str | None = None
         self.skip_until = -1
         self.wandb_dir: Path | None = None
+        self.broken = False  # W&B's service went away (Slurm's SIGTERM reaches it too): train on without it
 
     def start(self, project: str, run_name: str, config: dict) -> None:
         if not self.enabled:
@@ -72,10 +74,15 @@ class Tracker:
 
     def log(self, values: dict, step: int) -> None:
         """Log `values` at `step`, unless this run already logged that step before a crash."""
-        if not (self.enabled and self.accelerator.is_main_process) or step <= self.skip_until:
+        if not (self.enabled and self.accelerator.is_main_process) or step <= self.skip_until or self.broken:
             return
         (self.run_dir / LAST_STEP_FILE).write_text(f"{step}\n")
-        self.accelerator.log(values, step=step)
+        try:
+            self.accelerator.log(values, step=step)
+        except Exception as exc:  # never lose the checkpoint a stop is about to save over a W&B error
+            self.broken = True
+            print(f"warning: W&B stopped logging at step {step} ({exc!r}); training goes on without it",
+                  file=sys.stderr, flush=True)
 
     def images(self, key: str, images, captions: list[str], step: int) -> None:
         """A list of wandb.Image from uint8 N x 3 x H x W tensors."""
@@ -88,5 +95,17 @@ class Tracker:
         self.log({key: pictures}, step)
 
     def finish(self) -> None:
-        if self.enabled:
-            self.accelerator.end_training()
+        """End the W&B run on the main process, then let all processes go on together: torchrun stops
+        every worker as soon as one exits with an error (a stopped run exits with 75), which would cut
+        the main process off while W&B still writes the run."""
+        if not self.enabled:
+            return
+        if self.accelerator.is_main_process:
+            try:
+                for tracker in self.accelerator.trackers:
+                    tracker.finish()
+            except Exception as exc:  # e.g. Slurm's SIGTERM also stopped W&B's service: keep the exit code
+                print(f"warning: W&B could not finish the run: {exc!r}", file=sys.stderr, flush=True)
+            self.accelerator.trackers = []
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()

@@ -1,0 +1,190 @@
+"""The Slurm job scripts on a real Slurm cluster: a throwaway one on this machine (tests/slurm/cluster.py),
+four nodes with two GPUs each that have no CUDA behind them, so the same processes train on the CPU over
+gloo. The three jobs are submitted together and run side by side:
+
+1. launch/slurm_multi_node.sbatch on 2 nodes x 2 processes trains, writes metrics.json, one W&B run;
+2. launch/slurm_single_node.sbatch with 2 processes, without --output-dir: the same in runs/slurm-<id>;
+3. `scancel --signal=USR1 --batch` during training: a checkpoint, a requeue, a resumed run that finishes,
+   one W&B run id from start to end and no training step logged twice.
+
+Needs root, slurm-wlm and munge (apt-get install slurm-wlm munge); skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import wandb_reader
+from conftest import REPO, read_metrics, run_env
+
+sys.path.insert(0, str(Path(__file__).parent / "slurm"))
+from cluster import SlurmCluster, missing_requirements  # noqa: E402
+
+pytestmark = pytest.mark.slurm
+
+WHY_NOT = missing_requirements()
+JOB_TIMEOUT = 300  # seconds; each job takes well under a minute on two idle cores
+# 40 images: 32 train / 8 test, so one epoch is 4 steps with 2 processes (batch 4), 2 steps with 4.
+SIGNAL_EPOCHS = 40  # 160 steps: still training when the signal comes, whatever the machine's speed
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    if WHY_NOT:
+        pytest.skip(f"no test Slurm cluster: {WHY_NOT}")
+    cluster = SlurmCluster(nodes=4, cpus=2, gpus=2)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+class Job:
+    def __init__(self, cluster: SlurmCluster, job_id: str, out: Path, log: Path):
+        self.cluster, self.id, self.out, self.log = cluster, job_id, out, log
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+    def diagnose(self) -> str:
+        return (f"job {self.id}: {self.cluster.job(self.id)}\n--- job log (tail)\n{self.text()[-6000:]}\n"
+                f"--- cluster logs\n{self.cluster.logs(1500)}")
+
+    def wait(self, **kw) -> dict:
+        try:
+            return self.cluster.wait_job(self.id, timeout=JOB_TIMEOUT, **kw)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnose()}") from None
+
+    def assert_completed(self) -> dict:
+        job = self.wait()
+        assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", self.diagnose()
+        return job
+
+
+def train_args(data: Path, cache: Path, *extra: str) -> list[str]:
+    return ["--data-dir", str(data), "--cache-dir", str(cache), "--model", "vgg_tiny", "--weights", "none",
+            "--image-size", "32", "--batch-size", "4", "--lr", "0.05", "--wandb-mode", "offline",
+            "--log-every", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def slurm_jobs(slurm_cluster, image_tree, tmp_path_factory) -> dict[str, Job]:
+    """Submit the three jobs at once (they run side by side on the 4 nodes); each test waits for its own."""
+    root = tmp_path_factory.mktemp("slurm_jobs")
+    # The submitting shell's environment, as a user's: W&B writes into the run folder (WANDB_DIR unset).
+    env = {k: v for k, v in run_env({"PYTHON": sys.executable}).items()
+           if not k.startswith("SLURM_") and k not in ("TL_DIST_REPO",)}
+    env["SLURM_CONF"] = str(slurm_cluster.conf)
+    common = ["--gpus-per-node=2", "--cpus-per-task=2", "--time=10"]
+    jobs = {}
+
+    out = root / "multi"
+    job_id = slurm_cluster.sbatch(
+        "--nodes=2", *common, f"--output={root}/multi-%j.out", str(REPO / "launch" / "slurm_multi_node.sbatch"),
+        *train_args(image_tree, root / "cache-multi", "--epochs", "2", "--output-dir", str(out)),
+        cwd=REPO, env=env)
+    jobs["multi"] = Job(slurm_cluster, job_id, out, root / f"multi-{job_id}.out")
+
+    # Submitted from another folder without --output-dir: the run folder is runs/slurm-<id> there, and the
+    # repository comes from TL_DIST_REPO.
+    submit_dir = root / "elsewhere"
+    submit_dir.mkdir()
+    job_id = slurm_cluster.sbatch(
+        *common, f"--output={root}/single-%j.out", str(REPO / "launch" / "slurm_single_node.sbatch"),
+        *train_args(image_tree, root / "cache-single", "--epochs", "2"),
+        cwd=submit_dir, env={**env, "TL_DIST_REPO": str(REPO)})
+    jobs["single"] = Job(slurm_cluster, job_id, submit_dir / "runs" / f"slurm-{job_id}",
+                         root / f"single-{job_id}.out")
+
+    out = root / "signal"
+    job_id = slurm_cluster.sbatch(
+        *common, f"--output={root}/signal-%j.out", str(REPO / "launch" / "slurm_single_node.sbatch"),
+        *train_args(image_tree, root / "cache-signal", "--epochs", str(SIGNAL_EPOCHS), "--freeze", "none",
+                    "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--output-dir", str(out)),
+        cwd=REPO, env=env)
+    jobs["signal"] = Job(slurm_cluster, job_id, out, root / f"signal-{job_id}.out")
+    return jobs
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [row["_step"] for row in wandb_reader.history(run_dir) if "train/loss" in row]
+
+
+def check_finished_run(job: Job, processes: int, steps: int) -> list[Path]:
+    """metrics.json of a finished run, and the W&B run(s) it wrote offline (all with the run's id)."""
+    assert (job.out / "metrics.json").is_file(), job.diagnose()
+    metrics = read_metrics(job.out)
+    assert metrics["train"]["num_processes"] == processes
+    assert metrics["train"]["global_step"] == steps
+    assert metrics["test"]["num_samples"] == 8
+    assert not (job.out / "STOP").exists()
+    run_id = (job.out / "wandb_run_id").read_text().strip()
+    folders = wandb_reader.run_dirs(job.out / "wandb")
+    assert folders and all(wandb_reader.run_id(f) == run_id for f in folders), folders
+    return folders
+
+
+# First: it must see its job while it is training; the other two jobs run meanwhile.
+def test_usr1_checkpoints_requeues_and_resumes_the_same_run(slurm_jobs):
+    job = slurm_jobs["signal"]
+    cluster = job.cluster
+    # Deterministic: signal once the first checkpoint is complete, long before the last of 160 steps.
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not list((job.out / "checkpoints").glob("step_*/train_state.json")):
+        state = cluster.job(job.id).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), job.diagnose()
+        assert time.monotonic() < deadline, job.diagnose()
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", job.id)
+
+    # The job checkpoints, exits and requeues itself; a requeued job waits ~2 minutes (BeginTime) unless
+    # told to start now.
+    requeued = job.wait(condition=lambda j: j.get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= 1)
+    assert requeued["JobState"] == "PENDING", f"the job ended instead of requeueing\n{job.diagnose()}"
+    # slurmd refuses to start a job in the same second as it killed it ("already killed"): wait past it.
+    time.sleep(2)
+    cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now")
+    final = job.assert_completed()
+    assert final["Restarts"] == "1"
+
+    text = job.text()
+    assert "SIGUSR1: asking the training to save a checkpoint and stop" in text, job.diagnose()
+    assert f"requeueing job {job.id}" in text
+    stopped = re.search(r"stop requested \(\S*STOP\s+exists\):\s+saving\s+a\s+checkpoint\s+at\s+step\s+(\d+)", text)
+    assert stopped, job.diagnose()
+    stop_step = int(stopped.group(1))
+    assert 5 <= stop_step < 4 * SIGNAL_EPOCHS
+    assert re.search(rf"resumed\s+from\s+\S*checkpoints/step_{stop_step}\s", text), job.diagnose()
+    assert "(restart 1)" in text
+
+    # One W&B run from start to end: two offline folders (one per session) with the same id, every
+    # step logged once.
+    folders = check_finished_run(job, processes=2, steps=4 * SIGNAL_EPOCHS)
+    assert len(folders) == 2, folders
+    first, second = (train_steps(f) for f in folders)
+    assert first == list(range(1, stop_step + 1))
+    assert second == list(range(stop_step + 1, 4 * SIGNAL_EPOCHS + 1))
+
+
+def test_multi_node_job_trains_on_two_nodes(slurm_jobs):
+    job = slurm_jobs["multi"]
+    job.assert_completed()
+    text = job.text()
+    assert "2 node(s) x 2 CPU (gloo; no CUDA device) process(es)" in text, job.diagnose()
+    folders = check_finished_run(job, processes=4, steps=4)  # 2 epochs of 32 images at 4 x 4
+    assert len(folders) == 1, folders  # one W&B run
+    assert train_steps(folders[0]) == [1, 2, 3, 4]
+
+
+def test_single_node_job_trains_in_runs_slurm_job_id(slurm_jobs):
+    job = slurm_jobs["single"]
+    job.assert_completed()
+    assert "2 CPU process(es) over gloo" in job.text(), job.diagnose()
+    folders = check_finished_run(job, processes=2, steps=8)  # 2 epochs of 32 images at 2 x 4
+    assert len(folders) == 1, folders
+    assert train_steps(folders[0]) == list(range(1, 9))
