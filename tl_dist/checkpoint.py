@@ -3,9 +3,9 @@
 A checkpoint is `<run_dir>/checkpoints/step_<global step>/`: Accelerate's `save_state` (model weights in
 safetensors, optimizer, scheduler, grad scaler, the RNG states of every process) plus `train_state.json`
 (where in the data the run is, its running loss, the W&B run id) and `classes.json`. Every process writes
-into a temporary folder; one rename by the main process, after everyone has written, makes it complete.
-Older checkpoints are pruned only after that. The final model is `<run_dir>/model/`, in the same format
-without optimizer state.
+into a temporary folder; the main process reads the weights back (all finite, or nothing is saved), and one
+rename, after everyone has written, makes it complete. Older checkpoints are pruned only after that. The
+final model is `<run_dir>/model/`, in the same format without optimizer state.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
@@ -28,6 +30,21 @@ WEIGHTS_FILE = "model.safetensors"  # the name Accelerate's save_state gives the
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says what to do."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """The weights hold NaN or inf: the run diverged, and they are not saved."""
+
+
+def nonfinite_tensors(weights: dict) -> list[str]:
+    return [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def _diverged(step: int, names: list[str], kept: Path | None) -> NonFiniteWeightsError:
+    return NonFiniteWeightsError(
+        f"non-finite weights after step {step} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): "
+        f"not saved; the last good checkpoint is {kept or 'none'}. The run diverged: try a lower --lr, "
+        "or --mixed-precision no.")
 
 
 @dataclass
@@ -106,6 +123,13 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, classes: list
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))  # each process writes its own RNG state; the main one the rest
     accelerator.wait_for_everyone()
+    # Never keep NaN weights: read back what was written (the weights are the same on every process).
+    bad = nonfinite_tensors(load_file(str(tmp / WEIGHTS_FILE))) if accelerator.is_main_process else []
+    bad = broadcast_object_list([bad])[0]
+    if bad:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp)
+        raise _diverged(state.global_step, bad, find_latest_checkpoint(run_dir))
     if accelerator.is_main_process:
         write_json(tmp / CLASSES_FILE, classes)
         state.save(tmp)  # last file written; the rename below is what makes the folder complete
@@ -127,12 +151,14 @@ def save_checkpoint(accelerator, run_dir: Path, state: TrainState, classes: list
 def save_final_model(accelerator, model, run_dir: Path, state: TrainState, classes: list[str],
                      config: dict) -> Path:
     """`<run_dir>/model/`: weights (safetensors), class names, config and train state. Main process."""
+    weights = {k: v.detach().float().cpu().contiguous() for k, v in
+               accelerator.unwrap_model(model).state_dict().items()}
+    if bad := nonfinite_tensors(weights):
+        raise _diverged(state.global_step, bad, find_latest_checkpoint(run_dir))
     final = Path(run_dir) / FINAL_MODEL
     tmp = Path(run_dir) / f".tmp-{FINAL_MODEL}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in
-               accelerator.unwrap_model(model).state_dict().items()}
     save_file(weights, str(tmp / WEIGHTS_FILE))
     write_json(tmp / CLASSES_FILE, classes)
     write_json(tmp / "config.json", config)

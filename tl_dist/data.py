@@ -185,7 +185,11 @@ def decode_rows(index: ImageIndex, rows, out: np.ndarray, image_size: int, threa
             return row, _describe(exc)
         return row, None
 
-    with ThreadPoolExecutor(max(1, threads)) as pool:
+    # The warning filters are one process-wide list, and catch_warnings() in several threads at once
+    # restores them in any order: set the filter here, before the threads start, so that all of them
+    # see it (else a large image could be skipped under `python -W error`).
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, threads)) as pool:
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return {row: why for row, why in pool.map(one, rows) if why is not None}
 
 
@@ -232,6 +236,23 @@ class ImageCache:
 
     def bad_files(self) -> dict[str, str]:
         return json.loads(self.meta_path.read_text())["bad"]
+
+
+def keep_decodable(index: ImageIndex, bad: dict[str, str], warn=print) -> tuple[ImageIndex, list[int]]:
+    """After the verify pass: the rows of the files that decoded, and the index with the classes that
+    kept none of their files left out (labels renumbered; rows still match the decoded-image cache)."""
+    rows = [i for i, f in enumerate(index.files) if f not in bad]
+    if not rows:
+        raise DataError(f"none of the {len(index)} images in {index.root} can be decoded (see the warning "
+                        "above). Check that --data-dir holds the images themselves, not links or archives.")
+    kept = sorted({index.labels[i] for i in rows})
+    if len(kept) < len(index.classes):
+        lost = [c for y, c in enumerate(index.classes) if y not in set(kept)]
+        warn(f"warning: left out {len(lost)} class folder(s) with no image that can be decoded: "
+             + ", ".join(lost))
+    new_label = {old: new for new, old in enumerate(kept)}
+    labels = [new_label.get(y, -1) for y in index.labels]  # -1: a file of a left-out class, never used
+    return ImageIndex(index.root, index.files, labels, [index.classes[y] for y in kept]), rows
 
 
 # ---------------------------------------------------------------- split

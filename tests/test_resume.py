@@ -1,0 +1,224 @@
+"""Exact resume after a crash, with real processes.
+
+For 1 and 2 CPU processes (fp32): an uninterrupted run, and a run killed with SIGKILL (the launcher, its
+workers and W&B's service, all at once) in the middle of an epoch, after a checkpoint, then started again
+with `--resume auto`. Both must end with bit-identical weights and the same metrics; the W&B run is continued
+(same id, a second offline folder, no step logged twice). vgg_tiny keeps its dropout (0.5), so the
+restored RNG states matter: without them the resumed run draws other dropout masks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import wandb_reader
+from conftest import REPO, _free_port, launch, make_image_tree, read_metrics, run_env, tiny_args
+from safetensors.torch import load_file
+
+from tl_dist.checkpoint import STATE_FILE, TrainState, complete_checkpoints, find_latest_checkpoint
+
+KEEP = 2  # --keep-checkpoints
+STEPS_PER_EPOCH = {1: 20, 2: 10}  # 100 images, 80 of them for training, batch 4 per process
+
+
+def checkpoint_every(nproc: int) -> int:
+    return 3 if nproc == 1 else 2  # the first one comes early: the kill lands well before the epoch ends
+
+
+def run_args(data: Path, out: Path, cache: Path, nproc: int) -> list[str]:
+    # 1 process: the default frozen backbone (the classifier trains on cached features); 2 processes: the
+    # whole network on images, so both training paths are resumed.
+    freeze = ["--freeze", "features"] if nproc == 1 else ["--freeze", "none"]
+    return tiny_args(data, out, cache, "--checkpoint-every-steps", str(checkpoint_every(nproc)),
+                     "--keep-checkpoints", str(KEEP), "--wandb-mode", "offline", *freeze)
+
+
+def launch_command(args: list[str], nproc: int) -> list[str]:
+    """The command conftest.launch runs, for a process we start and kill ourselves."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "--num_processes", str(nproc)]
+    if nproc > 1:
+        cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
+    return cmd + [str(REPO / "tl_dist" / "train.py"), *args]
+
+
+def last_logged_step(out: Path) -> int:
+    try:
+        return int((out / "wandb_last_step").read_text())
+    except (FileNotFoundError, ValueError):  # not yet written, or caught mid-write
+        return -1
+
+
+def run_and_kill(args: list[str], nproc: int, out: Path, timeout: float = 600) -> dict:
+    """Start a run in its own session; once a complete checkpoint exists and the run has logged a later
+    step, SIGKILL every process of the run at once. Returns what it had saved."""
+    log = out.with_name(out.name + ".log")
+    with open(log, "wb") as sink:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(launch_command(args, nproc), cwd=REPO, env=run_env(), stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint was written in time"
+            if past_a_checkpoint(out):
+                kill_everything(proc.pid)
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            kill_everything(proc.pid)
+        proc.wait()
+    output = log.read_text(errors="replace")
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed (exit {proc.returncode}):\n{output[-4000:]}"
+    latest = find_latest_checkpoint(out)
+    return {"checkpoint": latest, "state": TrainState.load(latest), "killed_after": last_logged_step(out),
+            "output": output}
+
+
+def descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread or the process is gone
+            pass
+    return children + [d for c in children for d in descendants(c)]
+
+
+def kill_everything(pid: int) -> None:
+    """The crash: the launcher, its workers (torchrun starts each in a session of its own, so killing the
+    launcher's process group does not reach them) and W&B's service. All are stopped first, so none
+    finishes a step or a save between the listing and the kill."""
+    os.killpg(pid, signal.SIGSTOP)
+    frozen = set()
+    while (pids := {pid, *descendants(pid)}) != frozen:  # until no process appeared while freezing
+        for p in pids - frozen:
+            signal_if_alive(p, signal.SIGSTOP)
+        frozen = pids
+    for p in frozen:
+        signal_if_alive(p, signal.SIGKILL)
+
+
+def signal_if_alive(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def past_a_checkpoint(out: Path) -> bool:
+    latest = find_latest_checkpoint(out)
+    try:
+        return latest is not None and last_logged_step(out) > TrainState.load(latest).global_step
+    except FileNotFoundError:  # pruned while we looked
+        return False
+
+
+def plant_incomplete_checkpoints(out: Path, latest: Path) -> list[Path]:
+    """What a kill during a save leaves: a temporary folder, and a step folder without train_state.json;
+    both numbered above the real one, so `--resume auto` would take them if it did not check."""
+    root = out / "checkpoints"
+    tmp = root / ".tmp-step_990"
+    shutil.copytree(latest, tmp)
+    no_state = root / "step_991"
+    shutil.copytree(latest, no_state)
+    (no_state / STATE_FILE).unlink()
+    return [tmp, no_state]
+
+
+@pytest.fixture(scope="module")
+def resume_data(tmp_path_factory) -> Path:
+    return make_image_tree(tmp_path_factory.mktemp("resume-images") / "caltech-101", per_class=25)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
+def runs(request, resume_data, tmp_path_factory):
+    """An uninterrupted run, and a killed-then-resumed one, with the same options."""
+    nproc = request.param
+    root = tmp_path_factory.mktemp(f"resume-{nproc}proc")
+    cache = root / "cache"
+    reference = root / "reference"
+    ref_proc = launch(run_args(resume_data, reference, cache, nproc), nproc=nproc)
+    resumed = root / "resumed"
+    killed = run_and_kill(run_args(resume_data, resumed, cache, nproc), nproc, resumed)
+    planted = plant_incomplete_checkpoints(resumed, killed["checkpoint"])
+    resume_proc = launch(run_args(resume_data, resumed, cache, nproc) + ["--resume", "auto"], nproc=nproc)
+    return {"nproc": nproc, "reference": reference, "resumed": resumed, "killed": killed, "planted": planted,
+            "outputs": [ref_proc.stdout + ref_proc.stderr, killed["output"],
+                        resume_proc.stdout + resume_proc.stderr]}
+
+
+def test_killed_in_the_middle_of_an_epoch(runs):
+    state, killed_after = runs["killed"]["state"], runs["killed"]["killed_after"]
+    steps_per_epoch = STEPS_PER_EPOCH[runs["nproc"]]
+    # The checkpoint it resumes from is inside an epoch, and the run had gone on past it, in that epoch.
+    assert 0 < state.step_in_epoch < steps_per_epoch
+    assert state.global_step < killed_after < (state.epoch + 1) * steps_per_epoch
+
+
+def test_resume_auto_ignores_incomplete_checkpoints(runs):
+    """.tmp-step_990 and step_991 (no train_state.json) were planted above the real checkpoint."""
+    out = " ".join(runs["outputs"][2].split())  # rich wraps long lines
+    assert f"resumed from {runs['killed']['checkpoint']} " in out, out[-3000:]
+    assert f"step {runs['killed']['state'].global_step}" in out
+    tmp, no_state = runs["planted"]
+    assert not tmp.exists()  # removed by the next save, as a killed save's leftover
+    assert no_state.is_dir() and no_state not in complete_checkpoints(runs["resumed"])
+
+
+def test_same_weights_bit_for_bit(runs):
+    ref = load_file(str(runs["reference"] / "model" / "model.safetensors"))
+    res = load_file(str(runs["resumed"] / "model" / "model.safetensors"))
+    assert ref.keys() == res.keys()
+    for name in ref:
+        assert torch.equal(ref[name], res[name]), name
+
+
+def without_timings(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if "per_second" not in k and "seconds" not in k}
+
+
+def test_same_metrics(runs):
+    ref, res = read_metrics(runs["reference"]), read_metrics(runs["resumed"])
+    for split in ("baseline", "test"):
+        assert without_timings(ref[split]) == without_timings(res[split]), split
+    assert ref["train"]["epoch_loss"] == res["train"]["epoch_loss"]
+    assert ref["train"]["global_step"] == res["train"]["global_step"] == 2 * STEPS_PER_EPOCH[runs["nproc"]]
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints(runs):
+    for out in (runs["reference"], runs["resumed"]):
+        kept = [int(p.name.removeprefix("step_")) for p in complete_checkpoints(out)]
+        every, epoch_end = checkpoint_every(runs["nproc"]), STEPS_PER_EPOCH[runs["nproc"]]
+        # every N steps, and at the end of the first epoch (none after the last step: the final model)
+        expected = sorted({*range(every, 2 * epoch_end, every), epoch_end})[-KEEP:]
+        assert kept == expected
+        assert not list((out / "checkpoints").glob(".tmp-*"))  # leftovers of a killed save are cleaned up
+
+
+def test_wandb_run_continued(runs):
+    """The resumed run logs into the same W&B run (offline: a second folder with its id) from the step
+    after the last one the killed run handed to W&B, so no step is logged twice. Rows that W&B's service
+    had not yet written when it was killed with the rest are lost (here usually all of the first
+    folder's); every row that exists holds the numbers of the uninterrupted run."""
+    ref_dirs = wandb_reader.run_dirs(runs["reference"] / "wandb")
+    dirs = wandb_reader.run_dirs(runs["resumed"] / "wandb")
+    assert len(ref_dirs) == 1 and len(dirs) == 2
+    run_id = (runs["resumed"] / "wandb_run_id").read_text().strip()
+    assert [wandb_reader.run_id(d) for d in dirs] == [run_id, run_id]
+    before, after = ({row["_step"]: row for row in wandb_reader.history(d)} for d in dirs)
+    reference = {row["_step"]: row for row in wandb_reader.history(ref_dirs[0])}
+    killed_after = runs["killed"]["killed_after"]
+    assert not before.keys() & after.keys(), "a step was logged twice"
+    assert set(before) <= {s for s in reference if s <= killed_after}
+    assert set(after) == {s for s in reference if s > killed_after}
+    for step, row in {**before, **after}.items():
+        for key in ("train/loss", "train/epoch_loss", "finetuned/loss", "finetuned/accuracy"):
+            assert row.get(key) == reference[step].get(key), (step, key)
