@@ -129,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
             parser.error(f"argument {_flag(f.name)}: must be 0 or more, got {value}")
     if not 0.0 < cfg.test_fraction < 1.0:
         parser.error(f"argument --test-fraction: must be between 0 and 1, got {cfg.test_fraction}")
-    if cfg.lr <= 0:
-        parser.error(f"argument --lr: must be positive, got {cfg.lr}")
+    if not 0 < cfg.lr < 3e38:  # 3e38: the largest float32, which the optimizer computes in
+        parser.error(f"argument --lr: must be positive and below 3e38, got {cfg.lr}")
     if not 0.0 <= cfg.momentum < 1.0:
         parser.error(f"argument --momentum: must be in [0, 1), got {cfg.momentum}")
     if not 0.0 <= cfg.dropout < 1.0:

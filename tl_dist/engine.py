@@ -95,6 +95,8 @@ def extract_features(accelerator, model, batches: Batches, num_rows: int) -> tor
         if features is None:
             features = torch.empty(num_rows, f.shape[1], dtype=f.dtype, device=accelerator.device)
         features[positions] = f
+    if features is not None and features.is_cuda:
+        torch.cuda.synchronize(features.device)  # done when it returns: the caller times it
     return features
 
 
@@ -109,12 +111,12 @@ def evaluate(accelerator, model, batches: Batches, classes: list[str]) -> tuple[
         with accelerator.autocast():
             out = model(batches.inputs(x, accelerator.device), pooled=batches.pooled)
         out, y, pos = accelerator.gather_for_metrics((out.float(), y.to(out.device), pos.to(out.device)))
-        logits.append(out.cpu()), labels.append(y.cpu()), positions.append(pos.cpu())
+        logits.append(out), labels.append(y), positions.append(pos)  # kept on the device: no sync per batch
         seen += len(y)
+    logits, labels, positions = (torch.cat(t).cpu() for t in (logits, labels, positions))
     seconds = time.perf_counter() - start
-    order = torch.cat(positions).argsort()
-    outputs = {"logits": torch.cat(logits)[order], "labels": torch.cat(labels)[order],
-               "positions": torch.cat(positions)[order]}
+    order = positions.argsort()
+    outputs = {"logits": logits[order], "labels": labels[order], "positions": positions[order]}
     metrics = compute_metrics(outputs["logits"], outputs["labels"], classes)
     metrics["images_per_second"] = seen / max(seconds, 1e-9)
     return metrics, outputs
@@ -144,7 +146,10 @@ def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: Train
             # The mean over all processes; .item() is a sync point, and gives every process the same
             # answer, so all of them stop on a non-finite loss before any weight sees its gradients.
             step_loss = accelerator.reduce(loss.detach().float(), "mean").item()
-            if not math.isfinite(step_loss):
+            finite = math.isfinite(step_loss)
+            # In fp16 an overflow is expected now and then: the grad scaler skips that step and lowers its
+            # scale (counted below). In fp32/bf16 a non-finite loss means the run has diverged.
+            if not finite and accelerator.mixed_precision != "fp16":
                 console.error(f"non-finite loss ({step_loss}) at step {state.global_step + 1} (epoch "
                               f"{epoch + 1}); stopped before applying it. The last checkpoint is kept. Try "
                               f"a lower --lr or --mixed-precision no.")
@@ -160,8 +165,9 @@ def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: Train
 
             state.global_step += 1
             state.step_in_epoch += 1
-            state.epoch_loss_sum += step_loss
-            state.epoch_loss_steps += 1
+            if finite:
+                state.epoch_loss_sum += step_loss
+                state.epoch_loss_steps += 1
             state.train_images += len(y) * accelerator.num_processes
             now = time.perf_counter()
             state.train_seconds += now - tic

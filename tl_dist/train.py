@@ -17,6 +17,7 @@ if __name__ == "__main__" and not __package__:
 
 import ctypes  # noqa: E402
 import datetime  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     wandb_mode, wandb_note = resolve_mode(cfg.wandb_mode)
     tracking = wandb_mode != "disabled" and not cfg.eval_only
+    if tracking and importlib.util.find_spec("wandb") is None:
+        build_parser().error(f"argument --wandb-mode: W&B logging ({wandb_mode}) needs wandb: pip install "
+                             "wandb, or pass --wandb-mode disabled")
     accelerator = build_accelerator(cfg, "wandb" if tracking else None)
     console = RunConsole(accelerator.is_main_process)
     try:
@@ -339,8 +343,10 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
                   "lr": lr, "num_processes": accelerator.num_processes, "skipped_steps": state.skipped_steps},
         "features": feature_stats, "skipped_files": sorted(bad), "config": run_config}
     if accelerator.is_main_process:
-        save_final_model(accelerator, model, run_dir, state, classes, run_config)
+        # metrics.json first: model/ is what marks the run finished, so a crash between the two
+        # leaves a run that --resume auto completes rather than one without metrics.
         write_json(run_dir / "metrics.json", metrics)
+        save_final_model(accelerator, model, run_dir, state, classes, run_config)
         write_report(report, run_dir, test_images, console.warn)
     accelerator.wait_for_everyone()
     log_report(tracker, report, run_dir, "finetuned", step=state.global_step)
