@@ -60,7 +60,7 @@ class RunConsole:
     def comparison(self, baseline: dict | None, finetuned: dict | None) -> None:
         table = Table(title="Test split: before vs after fine-tuning")
         table.add_column("metric")
-        table.add_column("before fine-tuning (new head)", justify="right")
+        table.add_column("baseline (before fine-tuning)", justify="right")
         table.add_column("fine-tuned", justify="right")
         for key, label, fmt in METRIC_ROWS:
             cells = [fmt.format(m[key]) if m and key in m else "-" for m in (baseline, finetuned)]
