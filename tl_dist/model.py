@@ -7,6 +7,7 @@ how the frozen-feature cache trains the classifier through the same (DDP-wrapped
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -42,6 +43,13 @@ def _vgg_tiny(dropout: float) -> models.VGG:
     return net
 
 
+def _dense_fp32(state: dict) -> dict:
+    """Loaded tensors that can become parameters (load_state_dict(assign=True) keeps them as they are):
+    float32, dense and contiguous, as the copy into a randomly initialised network would give."""
+    return {k: v.float().contiguous() if torch.is_tensor(v) and v.is_floating_point() else v
+            for k, v in state.items()}
+
+
 def _load_state_dict(net: nn.Module, path: Path, arch: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # a file from outside the run
@@ -52,7 +60,7 @@ def _load_state_dict(net: nn.Module, path: Path, arch: str) -> None:
         raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict. Save it with "
                            "torch.save(model.state_dict(), PATH).")
     try:
-        net.load_state_dict(state)
+        net.load_state_dict(_dense_fp32(state), assign=True)
     except RuntimeError as exc:
         missing = len([line for line in str(exc).splitlines() if "Missing" in line or "size mismatch" in line])
         raise WeightsError(f"--weights {path}: does not match torchvision's {arch} with its 1000-way head "
@@ -63,14 +71,16 @@ def _load_state_dict(net: nn.Module, path: Path, arch: str) -> None:
 def build_model(arch: str, num_classes: int, weights: str, freeze: str, dropout: float) -> TransferNet:
     """`weights`: imagenet | none | PATH. With imagenet, call under `main_process_first()` so that one
     process downloads the file and the others find it in torch's cache."""
-    if arch == "vgg16":
-        tv_weights = models.VGG16_Weights.IMAGENET1K_V1 if weights == "imagenet" else None
-        net = models.vgg16(weights=tv_weights, dropout=dropout)
-    else:
-        if weights == "imagenet":
-            raise WeightsError("--weights imagenet exists only for --model vgg16; use none or a PATH.")
-        net = _vgg_tiny(dropout)
-    if weights not in ("imagenet", "none"):
+    if arch != "vgg16" and weights == "imagenet":
+        raise WeightsError("--weights imagenet exists only for --model vgg16; use none or a PATH.")
+    # Weights about to be loaded need no random initialisation first (seconds of CPU for VGG16's 138M
+    # parameters): build the skeleton on the meta device; the loaded tensors become its parameters.
+    with torch.device("meta") if weights != "none" else contextlib.nullcontext():
+        net = models.vgg16(dropout=dropout) if arch == "vgg16" else _vgg_tiny(dropout)
+    if weights == "imagenet":
+        state = models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
+        net.load_state_dict(_dense_fp32(state), assign=True)
+    elif weights != "none":
         _load_state_dict(net, Path(weights), arch)
     net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
     model = TransferNet(net.features, net.avgpool, net.classifier)

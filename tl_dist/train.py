@@ -92,6 +92,14 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, -1)
 
 
+def fused_sgd_available(device: torch.device) -> bool:
+    """One kernel for the whole SGD update instead of several passes per parameter: on CUDA, and on CPUs
+    since torch 2.4 (measured there: ~0.1 s instead of 0.15-0.4 s per step for VGG16's 120M classifier
+    parameters on 2 cores)."""
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return device.type == "cuda" or (device.type == "cpu" and version >= (2, 4))
+
+
 def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """--output-dir, else the folder holding a --resume PATH, else runs/<date-time> chosen by the main
     process and shared with the others."""
@@ -240,7 +248,7 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
     lr = cfg.lr * (accelerator.num_processes if cfg.scale_lr else 1)
     global_batch = cfg.batch_size * accelerator.num_processes
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=lr, momentum=cfg.momentum,
-                                fused=True if accelerator.device.type == "cuda" else None)
+                                fused=True if fused_sgd_available(accelerator.device) else None)
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / accelerator.num_processes) / cfg.batch_size)
     total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or 10**12)
     schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else \

@@ -1,0 +1,191 @@
+"""Steady-state images/s of tl_dist's own code paths on one device, synthetic vs real input.
+
+    python benchmarks/gpu_throughput.py --data-dir .device/caltech-101-mini --json out.json
+
+1. frozen-feature extraction (`engine.extract_features`, what --cache-features runs): on synthetic inputs
+   already on the device (normalised float, the network's input) and on the real pipeline (decoded-image
+   cache -> loader workers -> pinned memory -> non-blocking copy -> `normalize` on the device). Real at
+   least 90% of synthetic means the input pipeline is not the bottleneck.
+2. full fine-tune (--freeze none) through `engine.fit`, the training loop itself: an epoch to warm up
+   (cuDNN autotuning), then a timed one; synthetic (a tensor on the device served as every batch) vs real.
+Defaults: bf16 autocast, channels_last, batch 256, 224 px (the issue's GPU targets). The real data are
+the --data-dir images repeated to at least --images images per pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from tl_dist.checkpoint import TrainState  # noqa: E402
+from tl_dist.config import parse_args as parse_train_args  # noqa: E402
+from tl_dist.console import RunConsole  # noqa: E402
+from tl_dist.data import CachedImages, ImageCache, ShardedBatchSampler, index_images, make_loader  # noqa: E402
+from tl_dist.engine import Batches, StopRequest, extract_features, fit  # noqa: E402
+from tl_dist.model import build_model, trainable_parameters  # noqa: E402
+from tl_dist.train import build_accelerator, configure_threads  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--model", default="vgg16", choices=("vgg16", "vgg_tiny"))
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--precision", default="bf16", choices=("no", "bf16", "fp16"))
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also torch.compile the backbone (slow to start)")
+    p.add_argument("--images", type=int, default=10240, help="images per timed feature pass")
+    p.add_argument("--train-steps", type=int, default=12, help="steps per fine-tune epoch (warm-up, timed)")
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+class NoTracker:
+    def log(self, values, step):
+        pass
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="tl_dist-throughput-"))
+    flags = ["--data-dir", a.data_dir, "--cache-dir", str(work / "cache"), "--model", a.model, "--weights", "none",
+             "--image-size", str(a.image_size), "--batch-size", str(a.batch_size), "--mixed-precision", a.precision,
+             "--wandb-mode", "disabled", "--epochs", "2", "--checkpoint-every-epochs", "0", "--log-every", "1000"]
+    flags += [] if a.no_channels_last else ["--channels-last"]
+    flags += ["--compile"] if a.compile else []
+    cfg = parse_train_args(flags)
+    accelerator = build_accelerator(cfg, None)
+    threads = configure_threads(cfg, accelerator)
+    device = accelerator.device
+    console = RunConsole(True)
+    on_gpu = device.type == "cuda"
+    workers = min(8, threads) if on_gpu else 0
+    result = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu", "precision": a.precision,
+              "channels_last": cfg.channels_last, "compile": cfg.compile, "batch_size": a.batch_size,
+              "image_size": a.image_size, "model": a.model, "loader_workers": workers}
+
+    # ---- the decoded-image cache of the real images (as train.py builds it)
+    index = index_images(Path(a.data_dir))
+    cache = ImageCache(cfg.cache_dir, index, a.image_size)
+    tic = time.perf_counter()
+    tmp = cache.create_tmp("bench")
+    cache.publish(tmp, cache.fill(tmp, range(len(index)), threads))
+    result["decode_images_per_second"] = len(index) / (time.perf_counter() - tic)
+    repeat = -(-a.images // len(index))
+    rows = (list(range(len(index))) * repeat)[:max(a.batch_size, a.images // a.batch_size * a.batch_size)]
+    labels = [index.labels[r] for r in rows]
+
+    # ---- 1. frozen-feature extraction
+    model = build_model(a.model, len(index.classes), "none", "features", cfg.dropout)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.embed = torch.compile(model.embed)
+    model = accelerator.prepare(model)
+    net = accelerator.unwrap_model(model).eval()
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    x = torch.randn(a.batch_size, 3, a.image_size, a.image_size, device=device).contiguous(memory_format=fmt)
+    n_batches = len(rows) // a.batch_size
+    with torch.no_grad():
+        for _ in range(3):  # warm-up: cuDNN autotuning, compilation
+            with accelerator.autocast():
+                net.embed(x)
+        sync(device)
+        tic = time.perf_counter()
+        for _ in range(n_batches):
+            with accelerator.autocast():
+                f = net.embed(x)
+        sync(device)
+    result["features_synthetic_images_per_second"] = n_batches * a.batch_size / (time.perf_counter() - tic)
+    result["feature_dim"] = f.shape[1]
+
+    loader = accelerator.prepare(make_loader(CachedImages(cache.array_path, rows, labels), batch_size=a.batch_size,
+                                             num_workers=workers, pin_memory=on_gpu))
+    real = []
+    for _ in range(2):  # the first pass starts the loader workers; the second is the steady state
+        tic = time.perf_counter()
+        extract_features(accelerator, model, Batches(loader, False, cfg.channels_last), len(rows))
+        sync(device)
+        real.append(len(rows) / (time.perf_counter() - tic))
+    result["features_real_images_per_second_first_pass"] = real[0]
+    result["features_real_images_per_second"] = real[1]
+    result["features_real_over_synthetic"] = real[1] / result["features_synthetic_images_per_second"]
+    del model, net, loader, f
+    if on_gpu:
+        torch.cuda.empty_cache()
+
+    # ---- 2. full fine-tune through engine.fit
+    cfg.freeze, cfg.epochs = "none", 1
+    n_train = a.train_steps * a.batch_size
+    rows_ft = (rows * (-(-n_train // len(rows))))[:n_train]
+    for source in ("synthetic", "real"):
+        torch.manual_seed(0)
+        model = build_model(a.model, len(index.classes), "none", "none", cfg.dropout)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            model.embed = torch.compile(model.embed)
+        optimizer = torch.optim.SGD(trainable_parameters(model), lr=1e-4, momentum=0.9, fused=True if on_gpu else None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        sampler = ShardedBatchSampler(len(rows_ft), a.batch_size, 1, 0, seed=0)
+        if source == "real":
+            batches = Batches(make_loader(CachedImages(cache.array_path, rows_ft, [index.labels[r] for r in rows_ft]),
+                                          sampler, num_workers=workers, pin_memory=on_gpu),
+                              pooled=False, channels_last=cfg.channels_last)
+        else:
+            images = torch.randint(0, 256, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8,
+                                   device=device)
+            ys = torch.randint(0, len(index.classes), (a.batch_size,), device=device)
+
+            class Synthetic:  # the same uint8 batch on the device, every step: no input pipeline at all
+                batch_sampler = sampler
+
+                def __iter__(self):
+                    for _ in sampler:
+                        yield images, ys, None
+
+            batches = Batches(Synthetic(), pooled=False, channels_last=cfg.channels_last)
+        state = TrainState()
+        speeds = []
+        for epoch in range(2):  # epoch 1 warms up; epoch 2 is timed
+            cfg.epochs = epoch + 1
+            state.train_images, state.train_seconds = 0, 0.0
+            outcome = fit(accelerator, model, optimizer, scheduler, batches, state, cfg, work, index.classes,
+                          NoTracker(), console, StopRequest(work))
+            assert outcome == "finished", outcome
+            sync(device)
+            speeds.append(state.train_images / state.train_seconds)
+        result[f"finetune_{source}_images_per_second"] = speeds[1]
+        result[f"finetune_{source}_images_per_second_first_epoch"] = speeds[0]
+        if on_gpu:
+            result[f"finetune_{source}_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        del model, optimizer, scheduler, batches
+        if on_gpu:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+    result["finetune_real_over_synthetic"] = (result["finetune_real_images_per_second"]
+                                              / result["finetune_synthetic_images_per_second"])
+    print(json.dumps(result, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
