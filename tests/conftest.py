@@ -17,6 +17,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "caltech-101-mini"
 sys.path.insert(0, str(Path(__file__).parent))  # tests/wandb_reader.py
+sys.path.insert(0, str(REPO))  # in-process tests import this checkout's tl_dist, installed or not
 
 # Secrets a run must never write anywhere; set for every run so tests can look for them.
 PLANTED_SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef01234567",

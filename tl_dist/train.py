@@ -23,6 +23,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
@@ -177,6 +178,70 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
     return cache.array_path, cache.bad_files()
 
 
+@dataclass
+class Split:
+    index: ImageIndex
+    array_path: Path  # the decoded-image cache, one row per index file
+    bad: dict[str, str]  # files that could not be decoded, and why
+    train_rows: list[int]
+    test_rows: list[int]
+
+
+def prepare_split(cfg: Config, accelerator: Accelerator, console: RunConsole, run_dir: Path,
+                  threads: int) -> Split:
+    """Index (or read the run's split.json), decode every image once into the cache (the verify pass),
+    and split the files that decoded."""
+    index, train_rows, test_rows, _ = load_index(cfg, accelerator, console, run_dir)
+    array_path, bad = build_image_cache(cfg, accelerator, console, index, threads)
+    if bad:
+        console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
+                     f"{run_dir / 'skipped_files.txt'}): "
+                     + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
+                     + (" ..." if len(bad) > 10 else ""))
+    if train_rows is None:  # a new split, over the files that decoded
+        index, good = keep_decodable(index, bad, console.warn)
+        train_pos, test_pos = stratified_split([index.labels[i] for i in good], cfg.test_fraction, cfg.seed)
+        train_rows, test_rows = [good[p] for p in train_pos], [good[p] for p in test_pos]
+    elif any(index.files[r] in bad for r in train_rows + test_rows):
+        raise DataError(f"files of this run's split.json can no longer be decoded (listed above); "
+                        f"restore them in --data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
+    return Split(index, array_path, bad, train_rows, test_rows)
+
+
+def build_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, model, train_images: CachedImages,
+                  test_images: CachedImages, use_feature_cache: bool, threads: int):
+    """The training batches (sharded by ShardedBatchSampler) and the test batches (sharded by Accelerate),
+    either as images or, with the feature cache, as the frozen backbone's pooled features."""
+    on_gpu = accelerator.device.type == "cuda"
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (min(8, threads) if on_gpu else 0)
+    sampler = ShardedBatchSampler(len(train_images), cfg.batch_size, accelerator.num_processes,
+                                  accelerator.process_index, cfg.seed)
+    test_loader = accelerator.prepare(make_loader(test_images, batch_size=cfg.batch_size, num_workers=workers,
+                                                  pin_memory=on_gpu))
+    if not use_feature_cache:
+        train_loader = make_loader(train_images, sampler, num_workers=workers, pin_memory=on_gpu)
+        return (Batches(train_loader, pooled=False, channels_last=cfg.channels_last),
+                Batches(test_loader, pooled=False, channels_last=cfg.channels_last), None)
+    # The backbone is frozen, so its output for an image never changes: compute it once per image instead
+    # of once per image and epoch (>99% of VGG16's work), then train the classifier on it.
+    train_eval_loader = accelerator.prepare(make_loader(train_images, batch_size=cfg.batch_size,
+                                                        num_workers=workers, pin_memory=on_gpu))
+    tic = time.perf_counter()
+    train_features = extract_features(accelerator, model, Batches(train_eval_loader, False, cfg.channels_last),
+                                      len(train_images))
+    test_features = extract_features(accelerator, model, Batches(test_loader, False, cfg.channels_last),
+                                     len(test_images))
+    seconds = time.perf_counter() - tic
+    count = len(train_images) + len(test_images)
+    stats = {"seconds": seconds, "images_per_second": count / seconds}
+    console.print(f"backbone features of {count} images in {seconds:.1f} s ({stats['images_per_second']:,.0f} "
+                  "images/s)")
+    train_loader = make_loader(FeatureRows(train_features, train_images.labels.tolist()), sampler)
+    test_loader = accelerator.prepare(make_loader(FeatureRows(test_features, test_images.labels.tolist()),
+                                                  batch_size=cfg.batch_size))
+    return Batches(train_loader, pooled=True), Batches(test_loader, pooled=True), stats
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     wandb_mode, wandb_note = resolve_mode(cfg.wandb_mode)
@@ -207,21 +272,9 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
         return 0
 
     # ---- data: index, decode once (verify), split
-    index, train_rows, test_rows, _ = load_index(cfg, accelerator, console, run_dir)
-    array_path, bad = build_image_cache(cfg, accelerator, console, index, threads)
-    if bad:
-        console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
-                     f"{run_dir / 'skipped_files.txt'}): "
-                     + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
-                     + (" ..." if len(bad) > 10 else ""))
-    if train_rows is None:  # a new split, over the files that decoded
-        index, good = keep_decodable(index, bad, console.warn)
-        train_pos, test_pos = stratified_split([index.labels[i] for i in good], cfg.test_fraction, cfg.seed)
-        train_rows, test_rows = [good[p] for p in train_pos], [good[p] for p in test_pos]
-    elif any(index.files[r] in bad for r in train_rows + test_rows):
-        raise DataError(f"files of this run's split.json can no longer be decoded (listed above); "
-                        f"restore them in --data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
-    classes = index.classes
+    split = prepare_split(cfg, accelerator, console, run_dir, threads)
+    index, classes, bad = split.index, split.index.classes, split.bad
+    train_rows, test_rows = split.train_rows, split.test_rows
 
     # ---- model
     set_seed(cfg.seed)  # the same new head on every process
@@ -245,6 +298,7 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
             (run_dir / "skipped_files.txt").write_text("".join(f"{f}\t{why}\n" for f, why in bad.items()))
     accelerator.wait_for_everyone()
 
+    # ---- optimizer: SGD over the trainable parameters (the classifier, with the article's frozen features)
     lr = cfg.lr * (accelerator.num_processes if cfg.scale_lr else 1)
     global_batch = cfg.batch_size * accelerator.num_processes
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=lr, momentum=cfg.momentum,
@@ -255,41 +309,14 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
         (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    # ---- loaders: uint8 images from the cache; normalised on the device
-    on_gpu = accelerator.device.type == "cuda"
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (min(8, threads) if on_gpu else 0)
-    train_labels = [index.labels[r] for r in train_rows]
-    test_labels = [index.labels[r] for r in test_rows]
-    train_images = CachedImages(array_path, train_rows, train_labels)
-    test_images = CachedImages(array_path, test_rows, test_labels)
-    sampler = ShardedBatchSampler(len(train_rows), cfg.batch_size, accelerator.num_processes,
-                                  accelerator.process_index, cfg.seed)
+    # ---- batches: uint8 images from the cache normalised on the device, or backbone features
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    test_loader = accelerator.prepare(make_loader(test_images, batch_size=cfg.batch_size, num_workers=workers,
-                                                  pin_memory=on_gpu))
-    use_feature_cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features")
-    feature_stats = None
-    if use_feature_cache and not cfg.eval_only:
-        # The backbone is frozen, so its output for an image never changes: compute it once per image
-        # instead of once per image and epoch (>99% of VGG16's work), then train the classifier on it.
-        train_eval_loader = accelerator.prepare(make_loader(train_images, batch_size=cfg.batch_size,
-                                                            num_workers=workers, pin_memory=on_gpu))
-        tic = time.perf_counter()
-        train_features = extract_features(accelerator, model, Batches(train_eval_loader, False, cfg.channels_last),
-                                          len(train_rows))
-        test_features = extract_features(accelerator, model, Batches(test_loader, False, cfg.channels_last),
-                                         len(test_rows))
-        seconds = time.perf_counter() - tic
-        feature_stats = {"seconds": seconds, "images_per_second": (len(train_rows) + len(test_rows)) / seconds}
-        console.print(f"backbone features of {len(train_rows) + len(test_rows)} images in {seconds:.1f} s "
-                      f"({feature_stats['images_per_second']:,.0f} images/s)")
-        train_batches = Batches(make_loader(FeatureRows(train_features, train_labels), sampler), pooled=True)
-        test_batches = Batches(accelerator.prepare(make_loader(FeatureRows(test_features, test_labels),
-                                                               batch_size=cfg.batch_size)), pooled=True)
-    else:
-        train_batches = Batches(make_loader(train_images, sampler, num_workers=workers, pin_memory=on_gpu),
-                                pooled=False, channels_last=cfg.channels_last)
-        test_batches = Batches(test_loader, pooled=False, channels_last=cfg.channels_last)
+    train_images = CachedImages(split.array_path, train_rows, [index.labels[r] for r in train_rows])
+    test_images = CachedImages(split.array_path, test_rows, [index.labels[r] for r in test_rows])
+    use_feature_cache = not cfg.eval_only and (
+        cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features"))
+    train_batches, test_batches, feature_stats = build_batches(cfg, accelerator, console, model, train_images,
+                                                               test_images, use_feature_cache, threads)
 
     if cfg.eval_only:
         return run_eval_only(cfg, accelerator, console, model, test_batches, test_images, classes, run_dir, ckpt)
