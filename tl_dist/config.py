@@ -27,7 +27,8 @@ class Config:
     output_dir: str | None = _opt("everything the run writes (default: runs/<date-time>)", "Data")
     image_size: int = _opt("images are resized to SIZE x SIZE", "Data", 224, positive=True)
     test_fraction: float = _opt("per-class fraction of images held out for testing", "Data", 0.2)
-    max_samples: int = _opt("use at most N images, stratified over classes (0 = all); for quick debug runs",
+    max_samples: int = _opt("use about N images, each class keeping its share and at least one (0 = all); "
+                            "for quick debug runs",
                             "Data", 0, nonnegative=True)
     num_workers: int = _opt("data-loader worker processes per training process (-1 = choose from the cores)",
                             "Data", -1)

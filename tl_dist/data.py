@@ -280,7 +280,7 @@ def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tupl
 
 
 def stratified_sample(labels: list[int], max_samples: int, seed: int) -> list[int]:
-    """At most `max_samples` positions, each class keeping its share (at least 1 image)."""
+    """About `max_samples` positions (rounded per class), each class keeping its share and at least 1 image."""
     if max_samples <= 0 or max_samples >= len(labels):
         return list(range(len(labels)))
     keep_fraction = max_samples / len(labels)
