@@ -112,15 +112,39 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Reset Accelerate's process-wide singletons around an in-process run."""
+def reset_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def train_in_process(args: list[str], env: dict | None = None) -> int:
+    """tl_dist.train.main(ARGS) in this process, with W&B quiet, the planted secrets and `env` set; the
+    environment and Accelerate's process-wide state are restored afterwards."""
+    from tl_dist import train
+
+    saved = dict(os.environ)
+    os.environ.update(WANDB_SILENT="true", **PLANTED_SECRETS)
+    for name, value in (env or {}).items():
+        if value is None:  # None removes the variable
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        return train.main(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        reset_accelerate_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Reset Accelerate's process-wide singletons around an in-process run."""
+    yield
+    reset_accelerate_state()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ what W&B wrote offline."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import wandb_reader
-from conftest import PLANTED_SECRETS, launch, make_image_tree, read_metrics, run_module, tiny_args
-from tl_dist import train
+from conftest import launch, make_image_tree, read_metrics, run_module, tiny_args, train_in_process
 
 METRIC_KEYS = {"loss", "accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro",
                "mean_class_accuracy", "num_samples", "per_class_accuracy"}
@@ -41,21 +39,10 @@ def vgg16_args(sample_dir, out, cache, weights, *extra):
 @pytest.fixture(scope="module")
 def inprocess_run(sample_dir, vgg16_state_dict, tmp_path_factory):
     """`python -m tl_dist.train` in this process (the real VGG16 at 64 px, 2 epochs)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
     root = tmp_path_factory.mktemp("e2e")
     out = root / "run"
-    saved = dict(os.environ)
-    os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", **PLANTED_SECRETS)
-    os.environ.pop("WANDB_DIR", None)
-    try:
-        code = train.main(vgg16_args(sample_dir, out, root / "cache", vgg16_state_dict, "--image-size", "64"))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+    code = train_in_process(vgg16_args(sample_dir, out, root / "cache", vgg16_state_dict, "--image-size", "64"),
+                            env={"WANDB_MODE": "offline", "WANDB_DIR": None})
     assert code == 0
     return out
 

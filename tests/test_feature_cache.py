@@ -13,25 +13,13 @@ from safetensors.torch import load_file
 from torchvision import transforms
 from torchvision.datasets.folder import pil_loader
 
-from conftest import PLANTED_SECRETS, read_metrics, tiny_args
-from tl_dist import train
+from conftest import read_metrics, tiny_args, train_in_process
 from tl_dist.data import ImageCache, index_images, load_image, normalize
 
 
 def run_inprocess(args: list[str], capsys) -> str:
     """tl_dist.train.main(ARGS) in this process; returns what it printed."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    saved = dict(os.environ)
-    os.environ.update(WANDB_SILENT="true", **PLANTED_SECRETS)
-    try:
-        code = train.main(args)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+    code = train_in_process(args)
     out = capsys.readouterr()
     assert code == 0, out.out[-3000:] + out.err[-3000:]
     return out.out
