@@ -154,3 +154,14 @@ def test_fine_tuning_beats_the_baseline(tmp_path):
     assert metrics["test"]["loss"] < 0.8 * metrics["baseline"]["loss"]
     losses = metrics["train"]["epoch_loss"]
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_cpu_run_uses_every_core_when_launched_the_plain_way(image_tree, tmp_path):
+    """`accelerate launch` sets OMP_NUM_THREADS=1 when it finds no GPU; the run still uses all its cores."""
+    import os
+
+    out = tmp_path / "run"
+    launch(tiny_args(image_tree, out, tmp_path / "cache", "--epochs", "1", "--wandb-mode", "disabled"),
+           env={"OMP_NUM_THREADS": "1"})
+    config = json.loads((out / "config.json").read_text())
+    assert config["cpu_threads"] == len(os.sched_getaffinity(0))

@@ -333,7 +333,8 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
                   "effective_lr": lr, "num_classes": len(classes), "train_samples": len(train_rows),
                   "test_samples": len(test_rows), "device": str(accelerator.device),
                   "mixed_precision_resolved": accelerator.mixed_precision, "feature_cache": use_feature_cache,
-                  "steps_per_epoch": steps_per_epoch, "output_dir": str(run_dir)}
+                  "steps_per_epoch": steps_per_epoch, "output_dir": str(run_dir),
+                  "cpu_threads": torch.get_num_threads()}
     tracker.start(cfg.wandb_project, cfg.wandb_run_name or run_dir.name, run_config)
     state.wandb_run_id = tracker.run_id or state.wandb_run_id
     if accelerator.is_main_process:
