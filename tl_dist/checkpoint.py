@@ -64,21 +64,23 @@ class TrainState:
     finished: bool = False
 
     def save(self, folder: Path) -> None:
-        _write_json(Path(folder) / STATE_FILE, dataclasses.asdict(self))
+        write_json(Path(folder) / STATE_FILE, dataclasses.asdict(self))
 
     @classmethod
     def load(cls, folder: Path) -> "TrainState":
         return cls(**json.loads((Path(folder) / STATE_FILE).read_text()))
 
 
-def _write_json(path: Path, obj) -> None:
-    """Write to a temporary name, then rename: readers see the old file or the new one, never half."""
+def write_text(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: readers (a resumed run too, after a kill) see the old file
+    or the new one, never an empty or half-written one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-write_json = _write_json
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2))
 
 
 def checkpoint_step(folder: Path) -> int:

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tl_dist.checkpoint import write_text
+
 RUN_ID_FILE = "wandb_run_id"
 LAST_STEP_FILE = "wandb_last_step"
 
@@ -42,14 +44,6 @@ def resolve_mode(cli_mode: str | None) -> tuple[str, str | None]:
     return "offline", "no W&B credentials found (wandb login or WANDB_API_KEY): logging offline"
 
 
-def _replace_text(path: Path, text: str) -> None:
-    """Write a temporary file, then rename it: a kill between truncating and writing must not leave an
-    empty file behind (these files are read back by the resumed run)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Tracker:
     """Logs on the main process; a no-op everywhere else and when W&B is disabled."""
 
@@ -71,7 +65,7 @@ class Tracker:
             else:
                 alphabet = string.ascii_lowercase + string.digits
                 self.run_id = "".join(secrets.choice(alphabet) for _ in range(8))
-                _replace_text(id_file, self.run_id + "\n")
+                write_text(id_file, self.run_id + "\n")
             last = self.run_dir / LAST_STEP_FILE
             self.skip_until = int(last.read_text()) if last.is_file() else -1
         self.wandb_dir = Path(os.environ.get("WANDB_DIR") or self.run_dir)
@@ -84,7 +78,7 @@ class Tracker:
         """Log `values` at `step`, unless this run already logged that step before a crash."""
         if not (self.enabled and self.accelerator.is_main_process) or step <= self.skip_until or self.broken:
             return
-        _replace_text(self.run_dir / LAST_STEP_FILE, f"{step}\n")
+        write_text(self.run_dir / LAST_STEP_FILE, f"{step}\n")
         try:
             self.accelerator.log(values, step=step)
         except Exception as exc:  # never lose the checkpoint a stop is about to save over a W&B error

@@ -142,7 +142,7 @@ def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_d
         labels = [classes.index(f.split("/", 1)[0]) for f in files]
         index = ImageIndex(root, files, labels, classes)
         n_train = len(split["train"])
-        return index, list(range(n_train)), list(range(n_train, len(files))), {}
+        return index, list(range(n_train)), list(range(n_train, len(files)))
     if cfg.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
         with accelerator.local_main_process_first():  # one download per node; the others wait, then see it
             if not data_dir.exists():
@@ -152,7 +152,7 @@ def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_d
     index = index_images(data_dir, warn=console.warn)
     if cfg.max_samples:
         index = index.subset(stratified_sample(index.labels, cfg.max_samples, cfg.seed))
-    return index, None, None, None
+    return index, None, None
 
 
 def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole, index: ImageIndex,
@@ -191,7 +191,7 @@ def prepare_split(cfg: Config, accelerator: Accelerator, console: RunConsole, ru
                   threads: int) -> Split:
     """Index (or read the run's split.json), decode every image once into the cache (the verify pass),
     and split the files that decoded."""
-    index, train_rows, test_rows, _ = load_index(cfg, accelerator, console, run_dir)
+    index, train_rows, test_rows = load_index(cfg, accelerator, console, run_dir)
     array_path, bad = build_image_cache(cfg, accelerator, console, index, threads)
     if bad:
         console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
