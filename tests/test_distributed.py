@@ -13,7 +13,7 @@ The multi-process runs get tests/distributed_fakes/ on their PYTHONPATH: a Pytho
 what each process writes, and stand-ins replace the network (see its sitecustomize.py).
 
 The expected numbers come from replaying the training in this process with plain torch: the processes'
-shards from tl_dist.data.ShardedBatchSampler (whose properties tests/test_sampler.py checks), their losses
+shards from tl_dist.data.GlobalBatchSampler (whose properties tests/test_sampler.py checks), their losses
 averaged as DDP averages gradients, SGD with momentum from the run's own checkpoint.
 """
 
@@ -37,7 +37,7 @@ from safetensors.torch import load_file
 import wandb_reader
 from conftest import REPO, launch, make_image_tree, read_metrics
 from tl_dist.checkpoint import load_weights
-from tl_dist.data import ShardedBatchSampler, load_image, normalize
+from tl_dist.data import GlobalBatchSampler, load_image, normalize
 from tl_dist.model import build_model, trainable_parameters
 
 pytestmark = pytest.mark.slow  # several processes (see pyproject.toml's markers)
@@ -105,8 +105,8 @@ def trained(root, tree) -> dict:
     each (one batch per process and epoch: ceil(32 / 2) = 16).
     three: 3 processes from an empty folder, with the default --data-dir (./data/caltech-101, missing, so
     the main process downloads it from the stand-in Kaggle) and the default --output-dir (runs/<date-time>),
-    process r's clock r hours ahead; 2 epochs, 32 images over 3 processes: 11 each (one padded), batches 4,
-    4, 3, so 3 steps per epoch."""
+    process r's clock r hours ahead; 2 epochs, 32 images in global batches of 12, 12 and 8 (3, 3 and 2 per
+    process in the last), so 3 steps per epoch."""
     jobs, dirs, audits = {}, {}, {}
     for nproc, batch in ((1, 32), (2, 16)):
         key = f"one_step_{nproc}"
@@ -198,8 +198,8 @@ def logged(run_dir: Path, key: str) -> dict[int, object]:
 def replay_epoch(run_dir: Path, data_dir: Path, checkpoint_step: int, epoch: int, world: int, batch: int,
                  order_epoch: int | None = None) -> dict:
     """Train one epoch from the run's checkpoint in this process, as `world` DDP processes would: process
-    r's batches from ShardedBatchSampler(rank=r), the loss of a step is the mean of the processes' batch
-    means, and its gradient is the processes' gradients averaged. Returns the step losses, each process'
+    r's batches from GlobalBatchSampler(rank=r), the loss of a step is the mean of the processes' weighted
+    batch means, and its gradient is the processes' gradients averaged. Returns the step losses, each process'
     own share of them, and the weights after the epoch. `order_epoch` deals the samples of another epoch
     (a control: the run must not match it)."""
     ckpt = run_dir / "checkpoints" / f"step_{checkpoint_step}"
@@ -210,13 +210,17 @@ def replay_epoch(run_dir: Path, data_dir: Path, checkpoint_step: int, epoch: int
     with torch.no_grad():
         features = model.embed(normalize(images_of(data_dir, split["train"])))
     labels = torch.tensor([label_of(split, f) for f in split["train"]])
-    samplers = [ShardedBatchSampler(len(labels), batch, world, rank, SEED) for rank in range(world)]
+    samplers = [GlobalBatchSampler(len(labels), batch, world, rank, SEED) for rank in range(world)]
     for sampler in samplers:
         sampler.set_epoch(epoch if order_epoch is None else order_epoch)
     model.train()
     losses, shares = [], []
     for batches in zip(*samplers):
-        per_process = [F.cross_entropy(model(features[b], pooled=True), labels[b]) for b in batches]
+        # each process' mean weighted by its share of the global batch (exactly 1 when the batch is full):
+        # the mean over the global batch, as DDP's gradient average gives it
+        n = sum(len(b) for b in batches)
+        per_process = [F.cross_entropy(model(features[b], pooled=True), labels[b]) * (len(b) * world / n)
+                       for b in batches]
         loss = torch.stack(per_process).mean()
         loss.backward()
         optimizer.step()
@@ -237,7 +241,7 @@ def replay(three, three_data) -> dict:
 
 
 def test_processes_train_on_their_shards_reshuffled_each_epoch(three, three_data, replay):
-    """The real processes train on ShardedBatchSampler's shards, dealt anew in epoch 2: the run's losses
+    """The real processes train on GlobalBatchSampler's shards, dealt anew in epoch 2: the run's losses
     and final weights are the replay's, and not those of epoch 1's order repeated."""
     state = json.loads((three.dir / "checkpoints" / "step_3" / "train_state.json").read_text())
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 0, 3)
@@ -271,7 +275,7 @@ def test_eval_only_is_exact_whatever_the_number_of_processes(three, three_data, 
     trained = read_metrics(three.dir)["test"]  # 3 processes, batch 4, evaluated during the training run
     for nproc, run in evals.items():
         assert_ran(run)
-        metrics = read_metrics(run.dir)
+        metrics = read_metrics(run.dir / "eval" / "model")  # --eval-only writes there, not over the run
         assert metrics["eval_only"]["num_processes"] == nproc
         test = metrics["test"]
         assert test["num_samples"] == N_TEST, f"{nproc} processes counted {test['num_samples']} test images"
@@ -309,7 +313,7 @@ def flat_epoch(size: int, batch: int, world: int) -> list[int]:
     """The sorted samples of epoch 0's first step over all processes."""
     firsts = []
     for rank in range(world):
-        sampler = ShardedBatchSampler(size, batch, world, rank, SEED)
+        sampler = GlobalBatchSampler(size, batch, world, rank, SEED)
         sampler.set_epoch(0)
         firsts += next(iter(sampler))
     return sorted(firsts)

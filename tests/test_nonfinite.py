@@ -19,9 +19,10 @@ from accelerate.optimizer import AcceleratedOptimizer
 from conftest import REPO, launch, run_env, tiny_args
 from safetensors.torch import load_file
 
-from tl_dist.checkpoint import (NonFiniteWeightsError, TrainState, complete_checkpoints, save_checkpoint,
+from tl_dist.checkpoint import (NonFiniteWeightsError, TrainState, save_checkpoint,
                                 save_final_model)
 from tl_dist.engine import SkippedSteps
+from tl_dist.run_dir import RunDir
 
 DIVERGING = ["--lr", "1e10", "--checkpoint-every-steps", "1", "--keep-checkpoints", "3"]
 
@@ -35,7 +36,7 @@ def check_diverged_run(proc: subprocess.CompletedProcess, out) -> int:
     assert len(errors) == 1 and errors[0].startswith("non-finite loss"), proc.stderr[-3000:]
     step = int(re.search(r"at step (\d+)", errors[0]).group(1))
     # The last good checkpoint is the step before (one is saved every step); nothing after it is saved.
-    kept = complete_checkpoints(out)
+    kept = RunDir(out).valid_checkpoints()
     assert step >= 2 and kept and kept[-1].name == f"step_{step - 1}", (step, kept)
     for folder in kept:
         weights = load_file(str(folder / "model.safetensors"))
@@ -75,7 +76,7 @@ def test_nan_weights_are_never_saved(tmp_path, fresh_accelerate_state):
     state.global_step = 2
     with pytest.raises(NonFiniteWeightsError, match=r"after step 2 \(weight\).*step_1"):
         save_checkpoint(accelerator, tmp_path, state, ["a", "b"], keep=2)
-    assert complete_checkpoints(tmp_path) == [good]
+    assert RunDir(tmp_path).valid_checkpoints() == [good]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
     with pytest.raises(NonFiniteWeightsError, match="not saved"):
         save_final_model(accelerator, model, tmp_path, state, ["a", "b"], {})

@@ -17,7 +17,9 @@ def trained_run(image_tree, tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("predict") / "run"
     proc = run_module(tiny_args(image_tree, out, cache_dir, "--wandb-mode", "disabled"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (checkpoint,) = (out / "checkpoints").glob("step_*")  # after epoch 1 of 2
+    # after epoch 1 of 2, and after the last step (the state a longer run would continue from)
+    checkpoint, last = sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
+    assert int(last.name[5:]) == 2 * int(checkpoint.name[5:])
     return out, checkpoint
 
 

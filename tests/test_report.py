@@ -129,22 +129,25 @@ def test_eval_only_gives_the_same_report_from_two_processes(report_run, cache_di
     data, out, _ = report_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("wandb"))
-    for name in (rpt.PER_CLASS_CSV, rpt.CONFUSION_PNG, rpt.MISTAKES_PNG, rpt.MISTAKES_CSV):
-        (copy / name).unlink()
+    before = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     proc = launch(tiny_args(data, copy, cache_dir, "--resume", "auto", "--eval-only"), nproc=2)
-    assert read_metrics(copy)["eval_only"]["num_processes"] == 2
-    one, two = read_csv(out / rpt.PER_CLASS_CSV), read_csv(copy / rpt.PER_CLASS_CSV)
+    # --eval-only only reads the run: its results go to eval/model/, every file of the run is unchanged
+    assert {p: p_bytes for p, p_bytes in before.items()} == \
+        {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file() and "eval" not in p.parts}
+    evaluated = copy / "eval" / "model"
+    assert read_metrics(evaluated)["eval_only"]["num_processes"] == 2
+    one, two = read_csv(out / rpt.PER_CLASS_CSV), read_csv(evaluated / rpt.PER_CLASS_CSV)
     for a, b in zip(one, two, strict=True):
         assert (a["class"], a["support"], a["correct"], a["most_confused_with"]) == \
                (b["class"], b["support"], b["correct"], b["most_confused_with"])
         for key in ("precision", "recall", "f1"):
             assert float(a[key]) == pytest.approx(float(b[key]))
-    m1, m2 = read_csv(out / rpt.MISTAKES_CSV), read_csv(copy / rpt.MISTAKES_CSV)
+    m1, m2 = read_csv(out / rpt.MISTAKES_CSV), read_csv(evaluated / rpt.MISTAKES_CSV)
     assert [(m["file"], m["pred"]) for m in m1] == [(m["file"], m["pred"]) for m in m2]
     assert [float(m["confidence"]) for m in m1] == pytest.approx([float(m["confidence"]) for m in m2], abs=1e-5)
-    assert read_metrics(copy)["test"]["per_class"] == pytest.approx(read_metrics(out)["test"]["per_class"])
-    check_png(copy / rpt.CONFUSION_PNG)
-    check_png(copy / rpt.MISTAKES_PNG)
+    assert read_metrics(evaluated)["test"]["per_class"] == pytest.approx(read_metrics(out)["test"]["per_class"])
+    check_png(evaluated / rpt.CONFUSION_PNG)
+    check_png(evaluated / rpt.MISTAKES_PNG)
     assert "weakest" in proc.stdout and "baseline" in proc.stdout
 
 

@@ -24,7 +24,8 @@ import wandb_reader
 from conftest import REPO, _free_port, launch, make_image_tree, read_metrics, run_env, tiny_args
 from safetensors.torch import load_file
 
-from tl_dist.checkpoint import STATE_FILE, TrainState, complete_checkpoints, find_latest_checkpoint
+from tl_dist.checkpoint import TrainState
+from tl_dist.run_dir import STATE_FILE, RunDir
 
 KEEP = 2  # --keep-checkpoints
 STEPS_PER_EPOCH = {1: 20, 2: 10}  # 100 images, 80 of them for training, batch 4 per process
@@ -79,7 +80,7 @@ def run_and_kill(args: list[str], nproc: int, out: Path, timeout: float = 600) -
         proc.wait()
     output = log.read_text(errors="replace")
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed (exit {proc.returncode}):\n{output[-4000:]}"
-    latest = find_latest_checkpoint(out)
+    latest = RunDir(out).latest()
     return {"checkpoint": latest, "state": TrainState.load(latest), "killed_after": last_logged_step(out),
             "output": output}
 
@@ -114,7 +115,7 @@ def signal_if_alive(pid: int, sig: int) -> None:
 
 
 def past_a_checkpoint(out: Path) -> bool:
-    latest = find_latest_checkpoint(out)
+    latest = RunDir(out).latest()
     try:
         return latest is not None and last_logged_step(out) > TrainState.load(latest).global_step
     except FileNotFoundError:  # pruned while we looked
@@ -170,7 +171,7 @@ def test_resume_auto_ignores_incomplete_checkpoints(runs):
     assert f"step {runs['killed']['state'].global_step}" in out
     tmp, no_state = runs["planted"]
     assert not tmp.exists()  # removed by the next save, as a killed save's leftover
-    assert no_state.is_dir() and no_state not in complete_checkpoints(runs["resumed"])
+    assert no_state.is_dir() and no_state not in RunDir(runs["resumed"]).valid_checkpoints()
 
 
 def test_same_weights_bit_for_bit(runs):
@@ -195,7 +196,7 @@ def test_same_metrics(runs):
 
 def test_pruning_keeps_the_newest_complete_checkpoints(runs):
     for out in (runs["reference"], runs["resumed"]):
-        kept = [int(p.name.removeprefix("step_")) for p in complete_checkpoints(out)]
+        kept = [int(p.name.removeprefix("step_")) for p in RunDir(out).valid_checkpoints()]
         every, epoch_end = checkpoint_every(runs["nproc"]), STEPS_PER_EPOCH[runs["nproc"]]
         # every N steps, and at the end of the first epoch (none after the last step: the final model)
         expected = sorted({*range(every, 2 * epoch_end, every), epoch_end})[-KEEP:]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +49,11 @@ class Config:
                                choices=("auto", "on", "off"))
     # --- Optimisation ---
     epochs: int = _opt("passes over the training split", "Optimisation", 5, positive=True)
-    batch_size: int = _opt("images per process and step; the global batch is this times the processes",
-                           "Optimisation", 32, positive=True)
+    batch_size: int = _opt("images per process and micro-batch; the global batch is this times the processes "
+                           "times --gradient-accumulation-steps", "Optimisation", 32, positive=True)
+    gradient_accumulation_steps: int | None = _opt(
+        "micro-batches per optimizer step (default: $ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1)",
+        "Optimisation", None, positive=True)
     lr: float = _opt("SGD learning rate (not scaled with the global batch unless --scale-lr)",
                      "Optimisation", 0.001)
     scale_lr: bool = _opt("multiply --lr by the number of processes (linear scaling rule)", "Optimisation",
@@ -89,13 +94,33 @@ class Config:
                                   "Tracking", None, choices=("online", "offline", "disabled"))
     log_every: int = _opt("print a progress line every N steps when the output is not a terminal (W&B gets "
                                  "every step)", "Tracking", 10, positive=True)
+    config: str | None = _opt("a JSON or YAML file of options (a run's own config.json too): it gives the "
+                              "defaults, flags on the command line win", "Tracking")
+    # the options given on the command line or in --config (not a flag): what --resume checks
+    given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata=dict(internal=True))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the dataclass' checks; errors exit with code 2 and name the flag."""
+# What defines a run: a resume must not change these (one line per difference), and a run's config.json
+# gives them back. --batch-size is checked as the global batch, so that a run can resume on another number
+# of processes (rule in run_dir.py / README "Resuming").
+RUN_DEFINING = ("model", "weights", "freeze", "dropout", "image_size", "seed", "test_fraction", "max_samples",
+                "lr", "momentum", "scale_lr", "lr_schedule")
+# What a run writes into its config.json besides its options; ignored when such a file is read back.
+DERIVED = ("num_processes", "global_batch_size", "effective_lr", "num_classes", "train_samples", "test_samples",
+           "device", "mixed_precision_resolved", "feature_cache", "steps_per_epoch", "output_dir_resolved",
+           "cpu_threads", "gradient_accumulation_resolved")
+NOT_FROM_FILES = ("resume", "eval_only", "config")  # what to do with a run, not what the run is
+
+
+def _given_parser() -> argparse.ArgumentParser:
+    """The same flags with no defaults: its namespace holds only what the command line gave."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return parser
 
 
 def _flag(name: str) -> str:
@@ -103,11 +128,13 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tl_dist.train", description="Fine-tune VGG16 on Caltech-101 with Accelerate.",
+    parser = argparse.ArgumentParser(prog="tl_dist.train", description="Fine-tune VGG16 on Caltech-101 with Accelerate.",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         meta = f.metadata
+        if meta.get("internal"):
+            continue
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         if f.type == "bool":
             group.add_argument(_flag(f.name), action="store_true", help=meta["help"])
@@ -119,12 +146,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_options_file(path: str | Path) -> dict:
+    """Options from a JSON or YAML file, by their names (dashes or underscores). A run's config.json works:
+    its derived entries are left out."""
+    text = Path(path).read_text()
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"holds a {type(values).__name__}, not a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in values.items() if k not in DERIVED and k not in NOT_FROM_FILES}
+
+
+def _file_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """--config FILE as parser defaults, each checked as if it were given on the command line."""
+    try:
+        values = read_options_file(path)
+    except (OSError, ValueError) as exc:
+        parser.error(f"argument --config: cannot read {path} ({type(exc).__name__}: {exc})")
+    known = {f.name: f for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        parser.error(f"argument --config: {path} has unknown option(s): {', '.join(unknown)}")
+    argv = []
+    for name, value in values.items():
+        if known[name].type == "bool":
+            argv += [_flag(name)] if value else []
+        elif value is not None:
+            argv += [_flag(name), str(value)]
+    parsed = vars(parser.parse_args(argv))  # the same type checks and choices as flags
+    return {name: parsed[name] for name in values}
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = build_parser()
-    cfg = Config(**vars(parser.parse_args(argv)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = set(vars(_given_parser().parse_known_args(argv)[0]))
+    if "config" in given:
+        config_file = vars(_given_parser().parse_known_args(argv)[0])["config"]
+        from_file = _file_defaults(parser, config_file)
+        parser.set_defaults(**from_file)
+        given |= set(from_file)
+    cfg = Config(**vars(parser.parse_args(argv)), given=frozenset(given))
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        if f.metadata.get("positive") and value <= 0:
+        if f.metadata.get("positive") and value is not None and value <= 0:
             parser.error(f"argument {_flag(f.name)}: must be a positive integer, got {value}")
         if f.metadata.get("nonnegative") and value < 0:
             parser.error(f"argument {_flag(f.name)}: must be 0 or more, got {value}")

@@ -318,7 +318,7 @@ class CachedImages(torch.utils.data.Dataset):
 
     def __getitems__(self, positions):
         positions = list(positions)
-        return self.images(positions), self.labels[positions], torch.tensor(positions)
+        return self.images(positions), self.labels[positions], torch.tensor(positions, dtype=torch.long)
 
     def __getitem__(self, position):
         images, labels, positions = self.__getitems__([position])
@@ -340,27 +340,40 @@ def make_loader(dataset, batch_sampler=None, batch_size: int | None = None, num_
         persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
-class ShardedBatchSampler(torch.utils.data.Sampler):
-    """torch's DistributedSampler (disjoint per-process shards that together cover the data, reshuffled
-    each epoch from seed + epoch, padded to equal length) cut into batches, able to start mid-epoch."""
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """The training batches of one process. Each epoch is one permutation of the split, drawn from
+    seed + epoch (as torch's DistributedSampler draws it); global batch k is its k-th run of `global_batch`
+    samples (the last one may be shorter); process r takes samples r, r + P, r + 2P, ... of it, cut into
+    `accumulation` micro-batches of `batch_size`. So the global batches, and the training, are the same for
+    any number of processes (a run may resume on another number), nothing is padded or seen twice, and
+    every process yields the same number of micro-batches (at the very end some may be empty)."""
 
-    def __init__(self, size: int, batch_size: int, num_replicas: int, rank: int, seed: int,
-                 shuffle: bool = True):
-        self.sampler = torch.utils.data.DistributedSampler(
-            range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.batch_size, self.start_batch = batch_size, 0
+    def __init__(self, size: int, batch_size: int, num_processes: int, rank: int, seed: int,
+                 accumulation: int = 1):
+        self.size, self.batch_size, self.num_processes, self.rank = size, batch_size, num_processes, rank
+        self.seed, self.accumulation = seed, accumulation
+        self.global_batch = batch_size * num_processes * accumulation
+        self.steps_per_epoch = -(-size // self.global_batch)
+        self.epoch, self.start_step = 0, 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
-        self.start_batch = start_batch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def global_images(self, step: int) -> int:
+        """Images in global batch `step` of the epoch."""
+        return min(self.global_batch, self.size - step * self.global_batch)
 
     def __iter__(self):
-        indices = list(self.sampler)
-        for start in range(self.start_batch * self.batch_size, len(indices), self.batch_size):
-            yield indices[start:start + self.batch_size]
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        for step in range(self.start_step, self.steps_per_epoch):
+            mine = order[step * self.global_batch:(step + 1) * self.global_batch][self.rank::self.num_processes]
+            for m in range(self.accumulation):
+                yield mine[m * self.batch_size:(m + 1) * self.batch_size]
 
     def __len__(self) -> int:
-        return max(0, -(-self.sampler.num_samples // self.batch_size) - self.start_batch)
+        return max(0, self.steps_per_epoch - self.start_step) * self.accumulation
 
 
 class FeatureRows(torch.utils.data.Dataset):
@@ -373,7 +386,7 @@ class FeatureRows(torch.utils.data.Dataset):
         return len(self.features)
 
     def __getitems__(self, positions):
-        idx = torch.tensor(list(positions), device=self.features.device)
+        idx = torch.tensor(list(positions), dtype=torch.long, device=self.features.device)
         return self.features[idx], self.labels[idx], idx
 
 

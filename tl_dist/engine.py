@@ -1,26 +1,38 @@
 """The loop: extract features, evaluate, fit. The only place where training steps happen.
 
 Distribution is Accelerate's: `prepare` wraps the model (DDP) and shards the evaluation loaders,
-`backward` scales and syncs gradients, `autocast` applies --mixed-precision, `reduce` and
-`gather_for_metrics` combine numbers from every process (dropping the evaluation loader's padding).
+`accumulate` and `backward` scale, accumulate and sync gradients, `autocast` applies --mixed-precision,
+`reduce` and `gather_for_metrics` combine numbers from every process (dropping the evaluation loader's
+padding). The training batches come from `data.GlobalBatchSampler`: the same global batches, in the same
+order, for any number of processes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import math
+import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from tl_dist.checkpoint import TrainState, save_checkpoint
+from tl_dist.checkpoint import TrainState
 from tl_dist.data import normalize
 from tl_dist.metrics import compute_metrics
 
-STOP_FILE = "STOP"  # touch <run_dir>/STOP to make every process checkpoint and exit (the SLURM scripts do)
+
+class Outcome(enum.Enum):
+    FINISHED = "finished"  # trained to the end of --epochs (or --max-steps)
+    STOPPED = "stopped"  # a signal or the STOP file: a checkpoint was saved, --resume auto continues
+    DIVERGED = "diverged"  # a non-finite loss, or the fp16 grad scaler gave up: nothing saved after it
 
 
 @dataclass
@@ -42,8 +54,8 @@ class StopRequest:
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, run_dir: Path):
-        self.stop_file = Path(run_dir) / STOP_FILE
+    def __init__(self, stop_file: Path):
+        self.stop_file = Path(stop_file)
         self.signal_name: str | None = None
         self._previous = {}
 
@@ -66,6 +78,35 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self.stop_file.unlink(missing_ok=True)
+
+
+def stop_with_launcher(grace_seconds: float = 20.0) -> None:
+    """A training process started by `accelerate launch` (or torchrun) stops when its launcher dies, even by
+    SIGKILL: the kernel sends it SIGTERM (prctl PR_SET_PDEATHSIG), which StopRequest turns into a checkpoint
+    and exit at the next step, and a watchdog thread exits the process if that has not happened within
+    `grace_seconds` (blocked in a collective whose partner is gone, say). Plain `python -m tl_dist.train`
+    under a shell or nohup is left alone. Linux only."""
+    parent = os.getppid()
+    try:
+        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return
+    if not any(name in cmdline for name in (b"accelerate", b"torchrun", b"torch.distributed")):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        time.sleep(grace_seconds)
+        print("error: the launcher of this process is gone and the run did not stop in time; exiting. "
+              "Continue with --resume auto.", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
 class SkippedSteps:
@@ -122,90 +163,154 @@ def evaluate(accelerator, model, batches: Batches, classes: list[str]) -> tuple[
     return metrics, outputs
 
 
-def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: TrainState, cfg, run_dir: Path,
-        classes: list[str], tracker, console, stop: StopRequest) -> str:
-    """Train from `state` to the end of --epochs (or --max-steps). Returns "finished", "stopped" (a signal
-    or STOP file: checkpoint saved) or "diverged" (a non-finite loss: nothing saved after it)."""
-    sampler = batches.loader.batch_sampler
-    skipped = SkippedSteps(cfg.max_skipped_steps)
+# ---------------------------------------------------------------- training
 
-    def checkpoint():
-        folder = save_checkpoint(accelerator, run_dir, state, classes, cfg.keep_checkpoints)
-        console.print(f"checkpoint: {folder}")
 
-    for epoch in range(state.epoch, cfg.epochs):
-        sampler.set_epoch(epoch, start_batch=state.step_in_epoch)
-        steps_per_epoch = state.step_in_epoch + len(sampler)
-        model.train()
-        task = console.start_task(f"epoch {epoch + 1}/{cfg.epochs}", steps_per_epoch, state.step_in_epoch)
-        tic = time.perf_counter()
-        for x, y, _ in batches.loader:
+@dataclass
+class LoopSettings:
+    """What the loop needs of the options."""
+    epochs: int
+    max_steps: int = 0  # 0 = no limit
+    checkpoint_every_epochs: int = 0  # 0 = never
+    checkpoint_every_steps: int = 0
+    max_skipped_steps: int = 50
+    log_every: int = 10
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return min(steps_per_epoch * self.epochs, self.max_steps or 10**12)
+
+    def checkpoint_due(self, state: TrainState, end_of_epoch: bool, last: bool) -> bool:
+        """Every N steps, at the end of every N-th epoch, and after the last step (the state that
+        `--resume auto --epochs M` extends), whenever checkpoints are on."""
+        if not (self.checkpoint_every_epochs or self.checkpoint_every_steps):
+            return False
+        return (last or (self.checkpoint_every_steps and state.global_step % self.checkpoint_every_steps == 0)
+                or (end_of_epoch and self.checkpoint_every_epochs and state.epoch % self.checkpoint_every_epochs == 0))
+
+
+def train_step(accelerator, model, optimizer, scheduler, batches: Batches, micro_batches, global_images: int) -> float:
+    """One optimizer step over one global batch, given as this process' micro-batches (one per gradient
+    accumulation step). Returns the mean loss over the global batch. The update is applied only when that
+    loss is finite (in fp16 the grad scaler skips a non-finite step itself); it is the same on every
+    process, so all of them apply it or none does."""
+    # Each micro-batch's loss is weighted by its share of the global batch (times the processes, which DDP
+    # averages over, and the accumulation steps, which Accelerate divides by): a shorter last batch then
+    # gives the exact mean, whatever the number of processes. The weight is exactly 1 for a full batch.
+    weight = accelerator.num_processes * len(micro_batches)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for x, y in micro_batches:
+        with accelerator.accumulate(model):  # no gradient all-reduce before the last micro-batch
             with accelerator.autocast():
-                loss = F.cross_entropy(model(batches.inputs(x, accelerator.device), pooled=batches.pooled),
-                                       y.to(accelerator.device))
-            # The mean over all processes; .item() is a sync point, and gives every process the same
-            # answer, so all of them stop on a non-finite loss before any weight sees its gradients.
-            step_loss = accelerator.reduce(loss.detach().float(), "mean").item()
-            finite = math.isfinite(step_loss)
-            # In fp16 an overflow is expected now and then: the grad scaler skips that step and lowers its
-            # scale (counted below). In fp32/bf16 a non-finite loss means the run has diverged.
-            if not finite and accelerator.mixed_precision != "fp16":
-                console.error(f"non-finite loss ({step_loss}) at step {state.global_step + 1} (epoch "
-                              f"{epoch + 1}); stopped before applying it. The last checkpoint is kept. Try "
-                              f"a lower --lr or --mixed-precision no.")
-                return "diverged"
+                out = model(batches.inputs(x, accelerator.device), pooled=batches.pooled)
+                loss = (F.cross_entropy(out, y.to(out.device)) * (len(y) * weight / global_images)
+                        if len(y) else out.sum() * 0.0)  # an empty share still joins the all-reduce
             accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float()
+    step_loss = accelerator.reduce(loss_sum / len(micro_batches), "mean").item()  # note: a sync point
+    if math.isfinite(step_loss) or accelerator.mixed_precision == "fp16":
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: TrainState, settings: LoopSettings,
+        save_checkpoint: Callable[[], None], stop: StopRequest, log: "TrainLog") -> Outcome:
+    """Train from `state` to the end of the run (--epochs, or --max-steps), saving checkpoints through
+    `save_checkpoint` when they are due or a stop is requested."""
+    sampler = batches.loader.batch_sampler
+    total_steps = settings.total_steps(sampler.steps_per_epoch)
+    skipped = SkippedSteps(settings.max_skipped_steps)
+    while state.global_step < total_steps:
+        sampler.set_epoch(state.epoch, start_step=state.step_in_epoch)
+        model.train()
+        log.start_epoch(state, sampler.steps_per_epoch)
+        for micro_batches, global_images in global_steps(batches.loader, sampler):
+            loss = train_step(accelerator, model, optimizer, scheduler, batches, micro_batches, global_images)
+            if not math.isfinite(loss) and accelerator.mixed_precision != "fp16":
+                log.error(f"non-finite loss ({loss}) at step {state.global_step + 1} (epoch {state.epoch + 1}); "
+                          "stopped before applying it. The last checkpoint is kept. Try a lower --lr or "
+                          "--mixed-precision no.")
+                return Outcome.DIVERGED
             if accelerator.mixed_precision == "fp16" and skipped.update(accelerator.optimizer_step_was_skipped):
-                console.error(f"the fp16 grad scaler skipped {skipped.in_a_row} steps in a row (up to step "
-                              f"{state.global_step + 1}): gradients keep overflowing. Try bf16 or a lower --lr.")
-                return "diverged"
-
-            state.global_step += 1
-            state.step_in_epoch += 1
-            if finite:
-                state.epoch_loss_sum += step_loss
-                state.epoch_loss_steps += 1
-            state.train_images += len(y) * accelerator.num_processes
-            now = time.perf_counter()
-            state.train_seconds += now - tic
-            tic = now
-            state.skipped_steps = skipped.total
-            images_per_second = state.train_images / max(state.train_seconds, 1e-9)
-            tracker.log({"train/loss": step_loss, "train/lr": scheduler.get_last_lr()[0],
-                         "train/images_per_second": images_per_second, "epoch": epoch + 1,
-                         "train/skipped_steps": skipped.total}, step=state.global_step)
-            console.advance(task, state.step_in_epoch, steps_per_epoch,
-                            f"loss {step_loss:.4f}  {images_per_second:,.0f} img/s",
-                            log_line=state.global_step % cfg.log_every == 0)
-
-            end_of_epoch = state.step_in_epoch == steps_per_epoch
-            last_step = cfg.max_steps and state.global_step >= cfg.max_steps
+                log.error(f"the fp16 grad scaler skipped {skipped.in_a_row} steps in a row (up to step "
+                          f"{state.global_step + 1}): gradients keep overflowing. Try bf16 or a lower --lr.")
+                return Outcome.DIVERGED
+            log.after_step(state, loss, scheduler.get_last_lr()[0], global_images, skipped.total)
+            end_of_epoch, last = state.step_in_epoch == sampler.steps_per_epoch, state.global_step >= total_steps
+            if end_of_epoch or last:
+                log.end_epoch(state)
             if stop.requested():
                 accelerator.set_trigger()
             if accelerator.check_trigger():  # any process asked: all stop here, after the same step
-                console.print(f"stop requested ({stop.reason()}): saving a checkpoint at step "
-                              f"{state.global_step}")
-                checkpoint()
-                return "stopped"
-            if (cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0
-                    and not end_of_epoch and not last_step):
-                checkpoint()
-                tic = time.perf_counter()
-            if last_step:
+                log.print(f"stop requested ({stop.reason()}): saving a checkpoint at step {state.global_step}")
+                save_checkpoint()
+                return Outcome.STOPPED
+            if settings.checkpoint_due(state, end_of_epoch, last):
+                save_checkpoint()
+                log.restart_clock()
+            if last:
                 break
+    log.done()
+    return Outcome.FINISHED
 
+
+def global_steps(loader, sampler):
+    """(this process' micro-batches as (inputs, labels), images in the global batch), one per step."""
+    batches = iter(loader)
+    for step in range(sampler.start_step, sampler.steps_per_epoch):
+        micro = [next(batches)[:2] for _ in range(sampler.accumulation)]
+        yield micro, sampler.global_images(step)
+
+
+class TrainLog:
+    """The loop's bookkeeping, in one place: the train state's counters and running loss, throughput,
+    W&B (every step) and the console (a progress bar, or a line every --log-every steps)."""
+
+    def __init__(self, tracker, console, settings: LoopSettings):
+        self.tracker, self.console, self.settings = tracker, console, settings
+        self.task, self.steps_per_epoch, self.tic = None, 0, time.perf_counter()
+
+    def print(self, message: str) -> None:
+        self.console.print(message)
+
+    def error(self, message: str) -> None:
+        self.console.error(message)
+
+    def restart_clock(self) -> None:
+        self.tic = time.perf_counter()  # the time a checkpoint took is not training time
+
+    def start_epoch(self, state: TrainState, steps_per_epoch: int) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        self.task = self.console.start_task(f"epoch {state.epoch + 1}/{self.settings.epochs}", steps_per_epoch,
+                                            state.step_in_epoch)
+        self.restart_clock()
+
+    def after_step(self, state: TrainState, loss: float, lr: float, images: int, skipped: int) -> None:
+        """Count a step that was taken, and show it."""
+        state.global_step += 1
+        state.step_in_epoch += 1
+        if math.isfinite(loss):
+            state.epoch_loss_sum += loss
+            state.epoch_loss_steps += 1
+        state.train_images += images
+        now = time.perf_counter()
+        state.train_seconds += now - self.tic
+        self.tic = now
+        state.skipped_steps = skipped
+        images_per_second = state.train_images / max(state.train_seconds, 1e-9)
+        self.tracker.log({"train/loss": loss, "train/lr": lr, "train/images_per_second": images_per_second,
+                          "epoch": state.epoch + 1, "train/skipped_steps": skipped}, step=state.global_step)
+        self.console.advance(self.task, state.step_in_epoch, self.steps_per_epoch,
+                             f"loss {loss:.4f}  {images_per_second:,.0f} img/s",
+                             log_line=state.global_step % self.settings.log_every == 0)
+
+    def end_epoch(self, state: TrainState) -> None:
+        """Close the epoch in progress (at its end, or at --max-steps): its mean loss, and the next one."""
         state.epoch_losses.append(state.epoch_loss_sum / max(state.epoch_loss_steps, 1))
-        state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = epoch + 1, 0, 0.0, 0
-        tracker.log({"train/epoch_loss": state.epoch_losses[-1], "epoch": epoch + 1}, step=state.global_step)
-        console.print(f"epoch {epoch + 1}: mean train loss {state.epoch_losses[-1]:.4f}")
-        if cfg.max_steps and state.global_step >= cfg.max_steps:
-            break
-        if (cfg.checkpoint_every_epochs and (epoch + 1) % cfg.checkpoint_every_epochs == 0
-                or cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0) \
-                and epoch + 1 < cfg.epochs:
-            checkpoint()
-    console.stop_progress()
-    return "finished"
+        state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = state.epoch + 1, 0, 0.0, 0
+        self.tracker.log({"train/epoch_loss": state.epoch_losses[-1], "epoch": state.epoch}, step=state.global_step)
+        self.console.print(f"epoch {state.epoch}: mean train loss {state.epoch_losses[-1]:.4f}")
+
+    def done(self) -> None:
+        self.console.stop_progress()

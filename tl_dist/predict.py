@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tl_dist.checkpoint import (CLASSES_FILE, FINAL_MODEL, WEIGHTS_FILE, CheckpointError, find_latest_checkpoint,
-                                load_weights, read_classes)
+from tl_dist.checkpoint import CheckpointError, load_weights, read_classes
+from tl_dist.run_dir import CLASSES_FILE, CONFIG_FILE, FINAL_MODEL, WEIGHTS_FILE, RunDir
 from tl_dist.data import IMAGE_EXTENSIONS, _hidden, load_image, normalize
 from tl_dist.model import build_model
 
@@ -54,7 +54,7 @@ def resolve_model_dir(path: Path) -> Path:
     """The folder holding the weights: DIR itself, DIR/model, or the run's newest checkpoint."""
     if (path / WEIGHTS_FILE).is_file():
         return path
-    found = find_latest_checkpoint(path) if path.is_dir() else None
+    found = RunDir(path).latest(warn=lambda message: print(message, file=sys.stderr)) if path.is_dir() else None
     if found is None:
         raise CheckpointError(f"--checkpoint {path}: no model here. Pass a run's output folder (with a "
                               f"{FINAL_MODEL}/ or checkpoints/step_N folder), or one of those folders.")
@@ -63,7 +63,7 @@ def resolve_model_dir(path: Path) -> Path:
 
 def read_run_config(model_dir: Path) -> dict:
     """The run's config.json: beside the weights for a final model; in the run folder for a checkpoint."""
-    for candidate in (model_dir / "config.json", model_dir.parent.parent / "config.json"):
+    for candidate in (model_dir / CONFIG_FILE, model_dir.parent.parent / CONFIG_FILE):
         if candidate.is_file():
             return json.loads(candidate.read_text())
     return {}

@@ -19,7 +19,6 @@ torchvision's `make_grid`.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +31,8 @@ from torchvision.utils import make_grid
 
 from tl_dist.metrics import confusion_matrix
 
-PER_CLASS_CSV = "per_class.csv"
-CONFUSION_CSV = "confusion_matrix.csv"
-CONFUSION_PNG = "confusion_matrix.png"
-MISTAKES_PNG = "mistakes.png"
-MISTAKES_CSV = "mistakes.csv"
+from tl_dist.run_dir import (CONFUSION_CSV, CONFUSION_PNG, FINAL_MODEL, METRICS_FILE, MISTAKES_CSV,  # noqa: F401
+                             MISTAKES_PNG, PER_CLASS_CSV, is_disk_full)
 
 MAX_MATRIX_CLASSES = 30  # more rows than this are unreadable in a picture; the CSV has them all
 MAX_PAIRS = 20  # confused pairs listed beside the matrix
@@ -120,11 +116,11 @@ def report_files(run_dir: Path) -> dict[str, Path]:
             "worst mistakes, with files": run_dir / MISTAKES_CSV}
 
 
-def write_report(report: Report, run_dir: Path, test_images, warn=print) -> None:
-    """Write the CSVs and the two pictures into run_dir (main process). `test_images` gives uint8 images
-    by test-split position (data.CachedImages). The model and metrics are saved before this runs, so a
-    file that cannot be written is a warning, not a failed run."""
-    files = report_files(run_dir)
+def write_report(report: Report, folder: Path, test_images, test_files: list[str], warn=print) -> None:
+    """Write the CSVs and the two pictures into `folder` (main process). `test_images` gives uint8 images
+    by test-split position (data.CachedImages), `test_files` their files. The model and metrics are saved
+    before this runs, so a file that cannot be written is a warning, not a failed run."""
+    files = report_files(folder)
     steps = [("per-class table", lambda: write_per_class_csv(report, files["per-class table"])),
              ("confusion matrix, all classes",
               lambda: write_confusion_csv(report, files["confusion matrix, all classes"])),
@@ -132,12 +128,14 @@ def write_report(report: Report, run_dir: Path, test_images, warn=print) -> None
              ("worst mistakes", lambda: draw_mistakes(
                  report, test_images.images(report.mistake_positions) if report.mistake_positions else None,
                  files["worst mistakes"]))]
-    steps.append(("worst mistakes, with files", lambda: write_mistakes_csv(report, run_dir, files[
+    steps.append(("worst mistakes, with files", lambda: write_mistakes_csv(report, test_files, files[
         "worst mistakes, with files"])))
     for what, write in steps:
         try:
             write()
-        except Exception as exc:  # noqa: BLE001 - see the docstring
+        except Exception as exc:  # noqa: BLE001 - see the docstring; a full disk stops the run instead
+            if is_disk_full(exc, Path(folder)):
+                raise
             warn(f"warning: could not write the {what} ({files[what]}): {type(exc).__name__}: {exc}")
 
 
@@ -160,10 +158,8 @@ def write_confusion_csv(report: Report, path: Path) -> None:
             writer.writerow([name, *row])
 
 
-def write_mistakes_csv(report: Report, run_dir: Path, path: Path) -> None:
-    """Position k of the test split is the k-th file of split.json's "test" list."""
-    split = Path(run_dir) / "split.json"
-    test_files = json.loads(split.read_text())["test"] if split.is_file() else None
+def write_mistakes_csv(report: Report, test_files: list[str] | None, path: Path) -> None:
+    """Position k of the test split is the k-th file of `test_files` (the run's split, in order)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "test_position", "file", "label", "pred", "confidence"])
@@ -350,7 +346,7 @@ def print_summary(console, report: Report, baseline: dict | None, finetuned: dic
     # Plain lines, never folded: a path must stay whole to be copied.
     console.print("[bold]Files[/]")
     run_dir = Path(run_dir)
-    files = {"metrics": run_dir / "metrics.json", **report_files(run_dir), "final model": run_dir / "model"}
+    files = {"metrics": run_dir / METRICS_FILE, **report_files(run_dir), "final model": run_dir / FINAL_MODEL}
     for what, path in files.items():
         if path.exists():
             console.print(f"  {what + ':':<28} {path}", soft_wrap=True)

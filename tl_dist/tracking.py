@@ -16,10 +16,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tl_dist.checkpoint import write_text
-
-RUN_ID_FILE = "wandb_run_id"
-LAST_STEP_FILE = "wandb_last_step"
+from tl_dist.run_dir import write_text
 
 
 def has_wandb_credentials() -> bool:
@@ -47,8 +44,9 @@ def resolve_mode(cli_mode: str | None) -> tuple[str, str | None]:
 class Tracker:
     """Logs on the main process; a no-op everywhere else and when W&B is disabled."""
 
-    def __init__(self, accelerator, run_dir: Path, mode: str):
-        self.accelerator, self.run_dir, self.mode = accelerator, Path(run_dir), mode
+    def __init__(self, accelerator, run_dir, mode: str):
+        """`run_dir`: a run_dir.RunDir."""
+        self.accelerator, self.run_dir, self.mode = accelerator, run_dir, mode
         self.enabled = mode != "disabled"
         self.run_id: str | None = None
         self.skip_until = -1
@@ -58,7 +56,7 @@ class Tracker:
     def start(self, project: str, run_name: str, config: dict) -> None:
         if not self.enabled:
             return
-        id_file = self.run_dir / RUN_ID_FILE
+        id_file = self.run_dir.wandb_id
         if self.accelerator.is_main_process:
             if id_file.is_file():
                 self.run_id = id_file.read_text().strip()
@@ -66,9 +64,9 @@ class Tracker:
                 alphabet = string.ascii_lowercase + string.digits
                 self.run_id = "".join(secrets.choice(alphabet) for _ in range(8))
                 write_text(id_file, self.run_id + "\n")
-            last = self.run_dir / LAST_STEP_FILE
+            last = self.run_dir.wandb_step
             self.skip_until = int(last.read_text()) if last.is_file() else -1
-        self.wandb_dir = Path(os.environ.get("WANDB_DIR") or self.run_dir)
+        self.wandb_dir = Path(os.environ.get("WANDB_DIR") or self.run_dir.path)
         init = {"id": self.run_id, "resume": "allow", "name": run_name, "mode": self.mode,
                 "dir": str(self.wandb_dir)}
         # Accelerate creates the W&B run on the main process only.
@@ -78,7 +76,7 @@ class Tracker:
         """Log `values` at `step`, unless this run already logged that step before a crash."""
         if not (self.enabled and self.accelerator.is_main_process) or step <= self.skip_until or self.broken:
             return
-        write_text(self.run_dir / LAST_STEP_FILE, f"{step}\n")
+        write_text(self.run_dir.wandb_step, f"{step}\n")
         try:
             self.accelerator.log(values, step=step)
         except Exception as exc:  # never lose the checkpoint a stop is about to save over a W&B error

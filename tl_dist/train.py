@@ -1,8 +1,9 @@
 """Fine-tune VGG16 on Caltech-101: `accelerate launch tl_dist/train.py [options]` or `python -m tl_dist.train`.
 
-The article's workflow, in order: data (download, index, decode once, split 80/20), model (ImageNet VGG16,
-frozen features, new last layer), evaluation before fine-tuning, training (SGD), evaluation after it,
-W&B logging throughout. Everything a run writes goes to --output-dir.
+The article's workflow is the recipe `FineTune.run`, read top to bottom: set up (the run folder, the data
+decoded once and split 80/20, the ImageNet network with a new last layer, SGD, the batches, W&B), evaluate
+before fine-tuning, fine-tune, evaluate after it, save and report. `FineTune.evaluate_only` is --eval-only.
+Everything a run writes goes to its run folder (run_dir.py), which it owns while it runs.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import ctypes  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import importlib.util  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
@@ -28,22 +29,32 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs,  # noqa: E402
-                              broadcast_object_list, gather_object, set_seed)
+                              GradientAccumulationPlugin, broadcast_object_list, gather_object, set_seed)
 
-from tl_dist.checkpoint import (FINAL_MODEL, CheckpointError, TrainState, check_checkpoint,  # noqa: E402
-                                find_latest_checkpoint, load_weights, save_final_model, write_json)
+from tl_dist.checkpoint import (CheckpointError, TrainState, check_checkpoint, load_weights,  # noqa: E402
+                                save_checkpoint, save_final_model)
 from tl_dist.config import DEFAULT_DATA_DIR, Config, build_parser, parse_args  # noqa: E402
 from tl_dist.console import RunConsole  # noqa: E402
-from tl_dist.data import (CachedImages, DataError, FeatureRows, ImageCache, ImageIndex,  # noqa: E402
-                          ShardedBatchSampler, download_caltech101, find_image_root, index_images,
-                          keep_decodable, make_loader, stratified_sample, stratified_split)
-from tl_dist.engine import Batches, StopRequest, evaluate, extract_features, fit  # noqa: E402
+from tl_dist.data import (CachedImages, DataError, FeatureRows, GlobalBatchSampler, ImageCache,  # noqa: E402
+                          ImageIndex, download_caltech101, find_image_root, index_images, keep_decodable,
+                          make_loader, stratified_sample, stratified_split)
+from tl_dist.engine import (Batches, LoopSettings, Outcome, StopRequest, TrainLog, evaluate,  # noqa: E402
+                            extract_features, fit, stop_with_launcher)
 from tl_dist.model import WeightsError, build_model, trainable_parameters  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
+from tl_dist.resume import ResumePlan, plan_resume, run_dir_of, with_saved_options  # noqa: E402
+from tl_dist.run_dir import RunDir, RunDirError, is_disk_full, read_json, write_json, write_text  # noqa: E402
 from tl_dist.tracking import Tracker, resolve_mode  # noqa: E402
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed on a signal or STOP file; run again with --resume auto
-USER_ERRORS = (DataError, WeightsError, CheckpointError)
+USER_ERRORS = (DataError, WeightsError, CheckpointError, RunDirError)
+
+
+# ---------------------------------------------------------------- the process
+
+
+def gradient_accumulation(cfg: Config) -> int:
+    return cfg.gradient_accumulation_steps or int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", 1))
 
 
 def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
@@ -59,8 +70,12 @@ def build_accelerator(cfg: Config, log_with: str | None) -> Accelerator:
     # cpu=True on a machine without CUDA: several processes then talk over gloo.
     # non_blocking: the prepared (evaluation, feature) loaders copy their pinned batches to the GPU
     # asynchronously, as the training loader does; a blocking copy would idle the GPU at every batch.
+    # Gradient accumulation as a plugin, so that --gradient-accumulation-steps wins over Accelerate's
+    # environment; the steps are counted by the loop's micro-batches, not by the (unprepared) train loader.
+    accumulation = GradientAccumulationPlugin(num_steps=gradient_accumulation(cfg), sync_with_dataloader=False)
     return Accelerator(cpu=on_cpu, mixed_precision=cfg.mixed_precision, log_with=log_with,
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
+                       gradient_accumulation_plugin=accumulation,
                        dataloader_config=DataLoaderConfiguration(non_blocking=True))
 
 
@@ -101,42 +116,22 @@ def fused_sgd_available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and version >= (2, 4))
 
 
-def resolve_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    """--output-dir, else the folder holding a --resume PATH, else runs/<date-time> chosen by the main
-    process and shared with the others."""
-    if cfg.output_dir:
-        return Path(cfg.output_dir)
-    if cfg.resume not in (None, "auto"):
-        ckpt = Path(cfg.resume).resolve()
-        return ckpt.parent if ckpt.name == FINAL_MODEL else ckpt.parent.parent
-    name = [datetime.datetime.now().strftime("runs/%Y-%m-%d_%H-%M-%S")]
-    return Path(broadcast_object_list(name)[0])
 
 
-def resolve_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    if cfg.resume is None:
-        return None
-    ckpt = find_latest_checkpoint(run_dir) if cfg.resume == "auto" else Path(cfg.resume)
-    if ckpt is not None:
-        check_checkpoint(ckpt)
-    if ckpt is None and cfg.eval_only:
-        raise CheckpointError(f"--eval-only: no checkpoint or final model in {run_dir}. Pass the output "
-                              "folder of a run that saved one, or --resume PATH.")
-    return ckpt
+# ---------------------------------------------------------------- data
 
 
-def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_dir: Path) -> tuple:
+def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_dir: RunDir) -> tuple:
     """The image index and the split: from the run's split.json when it has one (resume, --eval-only),
     else indexed from --data-dir (downloaded first when it is the default and missing)."""
     data_dir = Path(cfg.data_dir)
-    split_file = run_dir / "split.json"
-    if split_file.is_file():
-        split = json.loads(split_file.read_text())
+    if run_dir.split.is_file():
+        split = read_json(run_dir.split)
         root = find_image_root(data_dir) if data_dir.is_dir() else data_dir
         files = split["train"] + split["test"]
         missing = [f for f in files if not (root / f).is_file()]
         if missing:
-            raise DataError(f"{len(missing)} file(s) of this run's split.json are not in --data-dir "
+            raise DataError(f"{len(missing)} file(s) of this run's split are not in --data-dir "
                             f"{data_dir} (first: {missing[0]}). Pass the --data-dir the run was trained on.")
         classes = split["classes"]
         labels = [classes.index(f.split("/", 1)[0]) for f in files]
@@ -178,68 +173,316 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
     return cache.array_path, cache.bad_files()
 
 
+
+
 @dataclass
-class Split:
+class PreparedData:
+    """The indexed images, decoded once into the cache, and the split of the ones that decoded."""
     index: ImageIndex
     array_path: Path  # the decoded-image cache, one row per index file
     bad: dict[str, str]  # files that could not be decoded, and why
     train_rows: list[int]
     test_rows: list[int]
 
+    def images(self, rows: list[int]) -> CachedImages:
+        return CachedImages(self.array_path, rows, [self.index.labels[r] for r in rows])
 
-def prepare_split(cfg: Config, accelerator: Accelerator, console: RunConsole, run_dir: Path,
-                  threads: int) -> Split:
-    """Index (or read the run's split.json), decode every image once into the cache (the verify pass),
-    and split the files that decoded."""
+
+def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run_dir: RunDir,
+                 threads: int) -> PreparedData:
+    """Index (or read the run's split), decode every image once into the cache (the verify pass), and
+    split the files that decoded."""
     index, train_rows, test_rows = load_index(cfg, accelerator, console, run_dir)
     array_path, bad = build_image_cache(cfg, accelerator, console, index, threads)
     if bad:
         console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
-                     f"{run_dir / 'skipped_files.txt'}): "
-                     + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
+                     f"{run_dir.skipped}): " + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
                      + (" ..." if len(bad) > 10 else ""))
     if train_rows is None:  # a new split, over the files that decoded
         index, good = keep_decodable(index, bad, console.warn)
         train_pos, test_pos = stratified_split([index.labels[i] for i in good], cfg.test_fraction, cfg.seed)
         train_rows, test_rows = [good[p] for p in train_pos], [good[p] for p in test_pos]
     elif any(index.files[r] in bad for r in train_rows + test_rows):
-        raise DataError(f"files of this run's split.json can no longer be decoded (listed above); "
-                        f"restore them in --data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
-    return Split(index, array_path, bad, train_rows, test_rows)
+        raise DataError(f"files of this run's split can no longer be decoded (listed above); restore them in "
+                        f"--data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
+    return PreparedData(index, array_path, bad, train_rows, test_rows)
 
 
-def build_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, model, train_images: CachedImages,
-                  test_images: CachedImages, use_feature_cache: bool, threads: int):
-    """The training batches (sharded by ShardedBatchSampler) and the test batches (sharded by Accelerate),
-    either as images or, with the feature cache, as the frozen backbone's pooled features."""
+def image_batches(cfg: Config, accelerator: Accelerator, images: CachedImages, sampler=None) -> Batches:
+    """uint8 images from the cache, normalised on the device: the training batches (our sampler) or
+    evaluation batches (sequential, sharded by Accelerate's `prepare`)."""
     on_gpu = accelerator.device.type == "cuda"
-    workers = cfg.num_workers if cfg.num_workers >= 0 else (min(8, threads) if on_gpu else 0)
-    sampler = ShardedBatchSampler(len(train_images), cfg.batch_size, accelerator.num_processes,
-                                  accelerator.process_index, cfg.seed)
-    test_loader = accelerator.prepare(make_loader(test_images, batch_size=cfg.batch_size, num_workers=workers,
-                                                  pin_memory=on_gpu))
-    if not use_feature_cache:
-        train_loader = make_loader(train_images, sampler, num_workers=workers, pin_memory=on_gpu)
-        return (Batches(train_loader, pooled=False, channels_last=cfg.channels_last),
-                Batches(test_loader, pooled=False, channels_last=cfg.channels_last), None)
-    # The backbone is frozen, so its output for an image never changes: compute it once per image instead
-    # of once per image and epoch (>99% of VGG16's work), then train the classifier on it.
-    train_eval_loader = accelerator.prepare(make_loader(train_images, batch_size=cfg.batch_size,
-                                                        num_workers=workers, pin_memory=on_gpu))
+    workers = cfg.num_workers if cfg.num_workers >= 0 else (min(8, torch.get_num_threads()) if on_gpu else 0)
+    loader = make_loader(images, sampler, batch_size=cfg.batch_size, num_workers=workers, pin_memory=on_gpu)
+    return Batches(loader if sampler is not None else accelerator.prepare(loader), False, cfg.channels_last)
+
+
+def feature_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, model, images: CachedImages,
+                    sampler=None) -> tuple[Batches, float]:
+    """The frozen backbone's pooled features of every image, computed once here (the backbone's output
+    never changes, so not once per image and epoch: >99% of VGG16's work), as batches for the classifier.
+    Also returns the seconds the backbone pass took."""
     tic = time.perf_counter()
-    train_features = extract_features(accelerator, model, Batches(train_eval_loader, False, cfg.channels_last),
-                                      len(train_images))
-    test_features = extract_features(accelerator, model, Batches(test_loader, False, cfg.channels_last),
-                                     len(test_images))
+    features = extract_features(accelerator, model, image_batches(cfg, accelerator, images), len(images))
     seconds = time.perf_counter() - tic
-    count = len(train_images) + len(test_images)
-    stats = {"seconds": seconds, "images_per_second": count / seconds}
-    console.print(f"backbone features of {count} images in {seconds:.1f} s ({stats['images_per_second']:,.0f} "
-                  "images/s)")
-    train_loader = make_loader(FeatureRows(train_features, train_images.labels.tolist()), sampler)
-    test_loader = accelerator.prepare(make_loader(FeatureRows(test_features, test_images.labels.tolist()),
-                                                  batch_size=cfg.batch_size))
-    return Batches(train_loader, pooled=True), Batches(test_loader, pooled=True), stats
+    rows = FeatureRows(features, images.labels.tolist())
+    loader = make_loader(rows, sampler, batch_size=cfg.batch_size)
+    return Batches(loader if sampler is not None else accelerator.prepare(loader), pooled=True), seconds
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+class FineTune:
+    """The article's recipe on any number of processes: setup, evaluate the baseline, fine-tune, evaluate,
+    save and report, clean up. Every process runs every method; Accelerate and the run folder's rules
+    decide who writes what."""
+
+    def __init__(self, cfg: Config, saved: dict | None, accelerator: Accelerator, console: RunConsole,
+                 wandb_mode: str):
+        self.cfg, self.saved, self.accelerator, self.console = cfg, saved, accelerator, console
+        self.wandb_mode = wandb_mode
+        self.run_dir = RunDir(self._run_dir_name())
+        self.tracker = Tracker(accelerator, self.run_dir, "disabled")
+
+    def run(self) -> int:
+        plan = self._setup()
+        if plan.finished:
+            self.console.print(plan.finished)
+            return 0
+        if self.state.baseline is None:
+            self.state.baseline = self._evaluate("baseline", step=0)
+        outcome = self._train()
+        if outcome is not Outcome.FINISHED:
+            self.tracker.finish()
+        if outcome is Outcome.STOPPED:
+            self.console.print(f"stopped; continue with --resume auto --output-dir {self.run_dir}")
+            return EXIT_STOPPED
+        if outcome is Outcome.DIVERGED:
+            return 1
+        self._evaluate_save_report()
+        return 0
+
+    def evaluate_only(self) -> int:
+        """--eval-only: evaluate a saved model on the run's split. It only reads the run; its results go to
+        eval/<model>/ in the run folder, so a finished run's metrics and report stay as they are."""
+        plan, self.cfg = plan_resume(self.cfg, self.saved, self.run_dir, self.accelerator.num_processes,
+                                     gradient_accumulation(self.cfg), self.accelerator.mixed_precision, self.console.warn)
+        self.data = prepare_data(self.cfg, self.accelerator, self.console, self.run_dir, self._threads())
+        self.model = self._build_model(plan)
+        load_weights(self.model, plan.checkpoint)
+        self.model = self.accelerator.prepare(self.model)
+        self.test_images = self.data.images(self.data.test_rows)
+        self.test_batches = image_batches(self.cfg, self.accelerator, self.test_images)
+        metrics, outputs = evaluate(self.accelerator, self.model, self.test_batches, self.data.index.classes)
+        report = build_report(outputs, self.data.index.classes)
+        metrics["per_class"] = report.per_class()
+        folder = self.run_dir.eval_dir(plan.checkpoint)
+        if self.accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / self.run_dir.metrics.name, {"test": metrics, "eval_only": {
+                "checkpoint": str(plan.checkpoint), "num_processes": self.accelerator.num_processes}})
+            write_report(report, folder, self.test_images, self._test_files(), self.console.warn)
+        self.accelerator.wait_for_everyone()
+        baseline = read_json(self.run_dir.metrics).get("baseline") if self.run_dir.metrics.is_file() else None
+        print_summary(self.console, report, baseline, metrics, folder)
+        return 0
+
+    def cleanup(self) -> None:
+        self.console.stop_progress()
+        self.run_dir.abandon()  # unlocks; removes only what a run that never started created
+
+    # ---- setup
+    def _setup(self) -> ResumePlan:
+        self._claim_run_dir()
+        plan, self.cfg = plan_resume(self.cfg, self.saved, self.run_dir, self.accelerator.num_processes,
+                                     gradient_accumulation(self.cfg), self.accelerator.mixed_precision,
+                                     self.console.warn)
+        if plan.finished:
+            return plan
+        if plan.note:
+            self.console.print(plan.note)
+        self.data = prepare_data(self.cfg, self.accelerator, self.console, self.run_dir, self._threads())
+        self.model = self._build_model(plan)
+        self._write_run_start()  # the data and the weights are known to be good: the run starts here
+        self._setup_optimizer()
+        self._setup_batches()
+        self.state = plan.state or TrainState()
+        if plan.checkpoint is not None:
+            self.accelerator.load_state(str(plan.checkpoint))  # model, optimizer, scheduler, every RNG
+            self.console.print(f"resumed from {plan.checkpoint} at epoch {self.state.epoch + 1}, step "
+                               f"{self.state.global_step}")
+        self._setup_tracking()
+        return plan
+
+    def _run_dir_name(self) -> str:
+        """--output-dir (or the folder of --resume PATH), else runs/<date-time> chosen by the main process."""
+        folder = run_dir_of(self.cfg)
+        if folder is not None:
+            return str(folder)
+        return broadcast_object_list([datetime.datetime.now().strftime("runs/%Y-%m-%d_%H-%M-%S")])[0]
+
+    def _claim_run_dir(self) -> None:
+        """The main process locks the run folder and checks that a new run does not reuse one; every
+        process hears the outcome."""
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                self.run_dir.claim(resume=self.cfg.resume is not None)
+            except RunDirError as exc:
+                error = str(exc)
+        error = broadcast_object_list([error])[0]
+        if error:
+            raise RunDirError(error)
+
+    def _threads(self) -> int:
+        return configure_threads(self.cfg, self.accelerator)
+
+    def _build_model(self, plan: ResumePlan):
+        set_seed(self.cfg.seed)  # the same new head on every process
+        weights = "none" if plan.checkpoint else self.cfg.weights  # a checkpoint brings its own
+        with self.accelerator.local_main_process_first():  # one download of the ImageNet weights per node
+            model = build_model(self.cfg.model, len(self.data.index.classes), weights, self.cfg.freeze,
+                                self.cfg.dropout)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.cfg.compile:
+            model.embed = torch.compile(model.embed)
+        return model
+
+    def _write_run_start(self) -> None:
+        data, run_dir = self.data, self.run_dir
+        if self.accelerator.is_main_process:
+            run_dir.record_owner()
+            if not run_dir.split.is_file():
+                write_json(run_dir.split, {
+                    "classes": data.index.classes, "seed": self.cfg.seed, "test_fraction": self.cfg.test_fraction,
+                    "train": [data.index.files[r] for r in data.train_rows],
+                    "test": [data.index.files[r] for r in data.test_rows]})
+            if data.bad:
+                write_text(run_dir.skipped, "".join(f"{f}\t{why}\n" for f, why in data.bad.items()))
+        self.accelerator.wait_for_everyone()
+
+    def _setup_optimizer(self) -> None:
+        """SGD over the trainable parameters (the classifier, with the article's frozen features)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        self.lr = cfg.lr * (accelerator.num_processes if cfg.scale_lr else 1)
+        optimizer = torch.optim.SGD(trainable_parameters(self.model), lr=self.lr, momentum=cfg.momentum,
+                                    fused=True if fused_sgd_available(accelerator.device) else None)
+        self.sampler = GlobalBatchSampler(len(self.data.train_rows), cfg.batch_size, accelerator.num_processes,
+                                          accelerator.process_index, cfg.seed, gradient_accumulation(cfg))
+        self.settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.checkpoint_every_epochs,
+                                     cfg.checkpoint_every_steps, cfg.max_skipped_steps, cfg.log_every)
+        total_steps = self.settings.total_steps(self.sampler.steps_per_epoch)
+        schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else \
+            (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(self.model, optimizer, scheduler)
+
+    def _setup_batches(self) -> None:
+        """Training and test batches: cached images, or (frozen backbone) its features, computed once."""
+        cfg, accelerator, data = self.cfg, self.accelerator, self.data
+        self.train_images, self.test_images = data.images(data.train_rows), data.images(data.test_rows)
+        self.feature_cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features")
+        self.feature_seconds = None
+        if not self.feature_cache:
+            self.train_batches = image_batches(cfg, accelerator, self.train_images, self.sampler)
+            self.test_batches = image_batches(cfg, accelerator, self.test_images)
+            return
+        self.train_batches, train_s = feature_batches(cfg, accelerator, self.console, self.model,
+                                                      self.train_images, self.sampler)
+        self.test_batches, test_s = feature_batches(cfg, accelerator, self.console, self.model, self.test_images)
+        self.feature_seconds = train_s + test_s
+        count = len(self.train_images) + len(self.test_images)
+        self.console.print(f"backbone features of {count} images in {self.feature_seconds:.1f} s "
+                           f"({count / self.feature_seconds:,.0f} images/s)")
+
+    def _setup_tracking(self) -> None:
+        cfg, accelerator, data = self.cfg, self.accelerator, self.data
+        self.tracker = Tracker(accelerator, self.run_dir, self.wandb_mode)
+        self.run_config = {
+            **cfg.to_dict(), "num_processes": accelerator.num_processes,
+            "gradient_accumulation_resolved": gradient_accumulation(cfg),
+            "global_batch_size": self.sampler.global_batch, "effective_lr": self.lr,
+            "num_classes": len(data.index.classes), "train_samples": len(data.train_rows),
+            "test_samples": len(data.test_rows), "device": str(accelerator.device),
+            "mixed_precision_resolved": accelerator.mixed_precision, "feature_cache": self.feature_cache,
+            "steps_per_epoch": self.sampler.steps_per_epoch, "output_dir_resolved": str(self.run_dir),
+            "cpu_threads": torch.get_num_threads()}
+        self.tracker.start(cfg.wandb_project, cfg.wandb_run_name or self.run_dir.path.name, self.run_config)
+        if accelerator.is_main_process:
+            write_json(self.run_dir.config, self.run_config)
+        self.console.print(
+            f"{len(data.index.classes)} classes, {len(data.train_rows)} train / {len(data.test_rows)} test images; "
+            f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}; "
+            f"global batch {self.sampler.global_batch} ({cfg.batch_size} per process"
+            + (f" x {gradient_accumulation(cfg)} accumulation steps" if gradient_accumulation(cfg) > 1 else "")
+            + f"), lr {self.lr:g}; run folder {self.run_dir}")
+
+    # ---- the steps
+    def _evaluate(self, prefix: str, step: int) -> dict:
+        """Exact test metrics, logged under prefix/ with a grid of predictions (the first 32 test images,
+        the same for every number of processes)."""
+        classes = self.data.index.classes
+        metrics, self.outputs = evaluate(self.accelerator, self.model, self.test_batches, classes)
+        self.tracker.log({f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        n = min(32, len(self.outputs["labels"]))
+        preds, labels = self.outputs["logits"][:n].argmax(1).tolist(), self.outputs["labels"][:n].tolist()
+        captions = [f"pred: {classes[p]} / label: {classes[y]}" for p, y in zip(preds, labels)]
+        self.tracker.images(f"{prefix}/predictions", self.test_images.images(range(n)), captions, step=step)
+        self.console.print(f"{prefix}: test loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.2%}")
+        return metrics
+
+    def _train(self) -> Outcome:
+        stop = StopRequest(self.run_dir.stop_file)
+        stop.install()
+        try:
+            return fit(self.accelerator, self.model, self.optimizer, self.scheduler, self.train_batches, self.state,
+                       self.settings, self._save_checkpoint, stop, TrainLog(self.tracker, self.console, self.settings))
+        finally:
+            stop.uninstall()
+
+    def _save_checkpoint(self) -> None:
+        folder = save_checkpoint(self.accelerator, self.run_dir, self.state, self.data.index.classes,
+                                 self.cfg.keep_checkpoints)
+        self.console.print(f"checkpoint: {folder}")
+
+    def _evaluate_save_report(self) -> None:
+        """Evaluate the fine-tuned model; then metrics.json, model/ (what marks the run finished) and the
+        report, on the main process; then W&B and the summary."""
+        test_metrics = self._evaluate("finetuned", step=self.state.global_step)
+        report = build_report(self.outputs, self.data.index.classes)  # the same on every process
+        test_metrics["per_class"] = report.per_class()
+        self.state.finished = True
+        metrics = {"baseline": self.state.baseline, "test": test_metrics, "train": self._train_numbers(),
+                   "features": self.feature_seconds and {
+                       "seconds": self.feature_seconds,
+                       "images_per_second": (len(self.train_images) + len(self.test_images)) / self.feature_seconds},
+                   "skipped_files": sorted(self.data.bad), "config": self.run_config}
+        if self.accelerator.is_main_process:
+            # metrics.json first: model/ is what marks the run finished, so a crash between the two
+            # leaves a run that --resume auto completes rather than one without metrics.
+            write_json(self.run_dir.metrics, metrics)
+            save_final_model(self.accelerator, self.model, self.run_dir, self.state, self.data.index.classes,
+                             self.run_config)
+            write_report(report, self.run_dir.path, self.test_images, self._test_files(), self.console.warn)
+        self.accelerator.wait_for_everyone()
+        log_report(self.tracker, report, self.run_dir.path, "finetuned", step=self.state.global_step)
+        self.tracker.finish()
+        print_summary(self.console, report, self.state.baseline, test_metrics, self.run_dir.path)
+
+    def _train_numbers(self) -> dict:
+        state = self.state
+        return {"epoch_loss": state.epoch_losses, "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
+                "seconds": state.train_seconds, "global_step": state.global_step,
+                "global_batch_size": self.sampler.global_batch, "lr": self.lr,
+                "num_processes": self.accelerator.num_processes, "skipped_steps": state.skipped_steps}
+
+    def _test_files(self) -> list[str]:
+        return [self.data.index.files[r] for r in self.data.test_rows]
+
+
+# ---------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,177 +492,37 @@ def main(argv: list[str] | None = None) -> int:
     if tracking and importlib.util.find_spec("wandb") is None:
         build_parser().error(f"argument --wandb-mode: W&B logging ({wandb_mode}) needs wandb: pip install "
                              "wandb, or pass --wandb-mode disabled")
-    accelerator = build_accelerator(cfg, "wandb" if tracking else None)
-    console = RunConsole(accelerator.is_main_process)
+    console = recipe = None
     try:
-        return run(cfg, accelerator, console, wandb_mode if tracking else "disabled", wandb_note)
+        cfg, saved = with_saved_options(cfg)
+        stop_with_launcher()
+        accelerator = build_accelerator(cfg, "wandb" if tracking else None)
+        console = RunConsole(accelerator.is_main_process)
+        if wandb_note and tracking and accelerator.is_main_process:
+            console.print(f"W&B: {wandb_note}; sync later with `wandb sync "
+                          f"{os.environ.get('WANDB_DIR') or run_dir_of(cfg) or 'runs/<run>'}/wandb/offline-run-*`")
+        recipe = FineTune(cfg, saved, accelerator, console, wandb_mode if tracking else "disabled")
+        return recipe.evaluate_only() if cfg.eval_only else recipe.run()
     except USER_ERRORS as exc:
-        console.error(str(exc))
+        _error(console, str(exc))
+        return 1
+    except Exception as exc:
+        folder = recipe.run_dir if recipe is not None else None
+        if folder is None or not is_disk_full(exc, folder.path):
+            raise
+        _error(console, f"the disk is full: a write in {folder} failed for lack of space; nothing partial was "
+                        f"kept. The last complete checkpoint is {folder.latest() or 'none'}. Free some space, "
+                        "then run again with --resume auto.")
         return 1
     finally:
-        console.stop_progress()
+        if recipe is not None:
+            recipe.cleanup()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # else gloo can abort the process at exit
 
 
-def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: str, wandb_note) -> int:
-    threads = configure_threads(cfg, accelerator)
-    run_dir = resolve_run_dir(cfg, accelerator)
-    ckpt = resolve_checkpoint(cfg, run_dir)
-    resumed = TrainState.load(ckpt) if ckpt is not None else None
-    if resumed and resumed.finished and not cfg.eval_only:
-        console.print(f"{run_dir} already finished (its final model is {ckpt}); nothing to do.")
-        return 0
-
-    # ---- data: index, decode once (verify), split
-    split = prepare_split(cfg, accelerator, console, run_dir, threads)
-    index, classes, bad = split.index, split.index.classes, split.bad
-    train_rows, test_rows = split.train_rows, split.test_rows
-
-    # ---- model
-    set_seed(cfg.seed)  # the same new head on every process
-    with accelerator.local_main_process_first():  # one download of the ImageNet weights per node
-        model = build_model(cfg.model, len(classes), "none" if ckpt else cfg.weights, cfg.freeze, cfg.dropout)
-    if cfg.eval_only:
-        load_weights(model, ckpt)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model.embed = torch.compile(model.embed)
-
-    # ---- the run folder: written only now that the data and the weights are known to be good
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "split.json").is_file():
-            write_json(run_dir / "split.json", {
-                "classes": classes, "seed": cfg.seed, "test_fraction": cfg.test_fraction,
-                "train": [index.files[r] for r in train_rows], "test": [index.files[r] for r in test_rows]})
-        if bad:
-            (run_dir / "skipped_files.txt").write_text("".join(f"{f}\t{why}\n" for f, why in bad.items()))
-    accelerator.wait_for_everyone()
-
-    # ---- optimizer: SGD over the trainable parameters (the classifier, with the article's frozen features)
-    lr = cfg.lr * (accelerator.num_processes if cfg.scale_lr else 1)
-    global_batch = cfg.batch_size * accelerator.num_processes
-    optimizer = torch.optim.SGD(trainable_parameters(model), lr=lr, momentum=cfg.momentum,
-                                fused=True if fused_sgd_available(accelerator.device) else None)
-    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / accelerator.num_processes) / cfg.batch_size)
-    total_steps = min(steps_per_epoch * cfg.epochs, cfg.max_steps or 10**12)
-    schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else \
-        (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-    # ---- batches: uint8 images from the cache normalised on the device, or backbone features
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    train_images = CachedImages(split.array_path, train_rows, [index.labels[r] for r in train_rows])
-    test_images = CachedImages(split.array_path, test_rows, [index.labels[r] for r in test_rows])
-    use_feature_cache = not cfg.eval_only and (
-        cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features"))
-    train_batches, test_batches, feature_stats = build_batches(cfg, accelerator, console, model, train_images,
-                                                               test_images, use_feature_cache, threads)
-
-    if cfg.eval_only:
-        return run_eval_only(cfg, accelerator, console, model, test_batches, test_images, classes, run_dir, ckpt)
-
-    # ---- tracking
-    state = resumed or TrainState()
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))  # model, optimizer, scheduler, scaler, every process' RNG
-        console.print(f"resumed from {ckpt} at epoch {state.epoch + 1}, step {state.global_step}")
-    tracker = Tracker(accelerator, run_dir, wandb_mode)
-    if accelerator.is_main_process and wandb_note:
-        console.print(f"W&B: {wandb_note}; sync later with `wandb sync {os.environ.get('WANDB_DIR') or run_dir}/wandb/offline-run-*`")
-    run_config = {**cfg.to_dict(), "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
-                  "effective_lr": lr, "num_classes": len(classes), "train_samples": len(train_rows),
-                  "test_samples": len(test_rows), "device": str(accelerator.device),
-                  "mixed_precision_resolved": accelerator.mixed_precision, "feature_cache": use_feature_cache,
-                  "steps_per_epoch": steps_per_epoch, "output_dir": str(run_dir),
-                  "cpu_threads": torch.get_num_threads()}
-    tracker.start(cfg.wandb_project, cfg.wandb_run_name or run_dir.name, run_config)
-    state.wandb_run_id = tracker.run_id or state.wandb_run_id
-    if accelerator.is_main_process:
-        write_json(run_dir / "config.json", run_config)
-    console.print(f"{len(classes)} classes, {len(train_rows)} train / {len(test_rows)} test images; "
-                  f"{accelerator.num_processes} process(es) on {accelerator.device}, "
-                  f"precision {accelerator.mixed_precision}; global batch {global_batch} "
-                  f"({cfg.batch_size} per process), lr {lr:g}; run folder {run_dir}")
-
-    # ---- evaluate before fine-tuning (the pretrained backbone with its new head)
-    if state.baseline is None:
-        state.baseline, outputs = evaluate(accelerator, model, test_batches, classes)
-        log_evaluation(tracker, "baseline", state.baseline, outputs, test_images, classes, step=0)
-        console.print(f"baseline: test loss {state.baseline['loss']:.4f}, accuracy {state.baseline['accuracy']:.2%}")
-
-    # ---- fine-tune
-    stop = StopRequest(run_dir)
-    stop.install()
-    try:
-        outcome = fit(accelerator, model, optimizer, scheduler, train_batches, state, cfg, run_dir, classes,
-                      tracker, console, stop)
-    finally:
-        stop.uninstall()
-    if outcome != "finished":
-        tracker.finish()
-        if outcome == "stopped":
-            console.print(f"stopped; continue with --resume auto --output-dir {run_dir}")
-            return EXIT_STOPPED
-        return 1
-
-    # ---- evaluate after fine-tuning, save, report
-    test_metrics, outputs = evaluate(accelerator, model, test_batches, classes)
-    log_evaluation(tracker, "finetuned", test_metrics, outputs, test_images, classes, step=state.global_step)
-    report = build_report(outputs, classes)  # from the gathered outputs: the same on every process
-    test_metrics["per_class"] = report.per_class()
-    state.finished = True
-    state.best_accuracy = test_metrics["accuracy"]
-    metrics = {
-        "baseline": state.baseline, "test": test_metrics,
-        "train": {"epoch_loss": state.epoch_losses, "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
-                  "seconds": state.train_seconds, "global_step": state.global_step, "global_batch_size": global_batch,
-                  "lr": lr, "num_processes": accelerator.num_processes, "skipped_steps": state.skipped_steps},
-        "features": feature_stats, "skipped_files": sorted(bad), "config": run_config}
-    if accelerator.is_main_process:
-        # metrics.json first: model/ is what marks the run finished, so a crash between the two
-        # leaves a run that --resume auto completes rather than one without metrics.
-        write_json(run_dir / "metrics.json", metrics)
-        save_final_model(accelerator, model, run_dir, state, classes, run_config)
-        write_report(report, run_dir, test_images, console.warn)
-    accelerator.wait_for_everyone()
-    log_report(tracker, report, run_dir, "finetuned", step=state.global_step)
-    tracker.finish()
-    print_summary(console, report, state.baseline, test_metrics, run_dir)
-    return 0
-
-
-def log_evaluation(tracker: Tracker, prefix: str, metrics: dict, outputs: dict, test_images: CachedImages,
-                   classes: list[str], step: int) -> None:
-    """Scalars under <prefix>/..., and one batch of test images with their predictions (the first 32 of
-    the split, the same for every number of processes)."""
-    scalars = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
-    tracker.log(scalars, step=step)
-    n = min(32, len(outputs["labels"]))
-    preds = outputs["logits"][:n].argmax(1).tolist()
-    labels = outputs["labels"][:n].tolist()
-    captions = [f"pred: {classes[p]} / label: {classes[y]}" for p, y in zip(preds, labels)]
-    tracker.images(f"{prefix}/predictions", test_images.images(range(n)), captions, step=step)
-
-
-def run_eval_only(cfg, accelerator, console, model, test_batches, test_images, classes, run_dir, ckpt) -> int:
-    test_metrics, outputs = evaluate(accelerator, model, test_batches, classes)
-    report = build_report(outputs, classes)
-    test_metrics["per_class"] = report.per_class()
-    baseline = None
-    if accelerator.is_main_process:
-        path = run_dir / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.is_file() else {}
-        metrics["test"] = test_metrics
-        metrics["eval_only"] = {"checkpoint": str(ckpt), "num_processes": accelerator.num_processes}
-        write_json(path, metrics)
-        write_report(report, run_dir, test_images, console.warn)
-        baseline = metrics.get("baseline")  # the training run's, on the same split
-    accelerator.wait_for_everyone()
-    print_summary(console, report, baseline, test_metrics, run_dir)
-    return 0
+def _error(console: RunConsole | None, message: str) -> None:
+    (console or RunConsole(True)).error(message)
 
 
 if __name__ == "__main__":

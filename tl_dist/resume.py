@@ -1,0 +1,140 @@
+"""What `--resume` continues, and what it may change.
+
+A resume continues the run saved in the run folder: its `config.json` gives every option the command line
+does not (so `--resume auto --output-dir X` alone continues X as it was set up). Options that define the
+run (`config.RUN_DEFINING`, and the global batch) may not change: each difference is one line of the error.
+Everything else may: --epochs (a finished run is extended), --output-dir, --cache-dir, --num-workers, W&B
+and logging options, checkpoint cadence, speed options, and the number of processes (the global batch is
+kept: the per-process batch becomes global batch / processes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from tl_dist.checkpoint import CheckpointError, TrainState, check_checkpoint
+from tl_dist.config import NOT_FROM_FILES, RUN_DEFINING, Config, read_options_file
+from tl_dist.run_dir import FINAL_MODEL, RunDir, RunDirError, read_json
+
+
+def run_dir_of(cfg: Config) -> Path | None:
+    """--output-dir, else the run folder holding a --resume PATH."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    if cfg.resume not in (None, "auto"):
+        ckpt = Path(cfg.resume).resolve()
+        return ckpt.parent if ckpt.name == FINAL_MODEL else ckpt.parent.parent
+    return None
+
+
+def with_saved_options(cfg: Config) -> tuple[Config, dict | None]:
+    """On a resume, the run's saved options for every option not given. Returns (options, saved config)."""
+    folder = run_dir_of(cfg)
+    if cfg.resume is None or folder is None or not RunDir(folder).config.is_file():
+        return cfg, None
+    saved = RunDir(folder).config
+    try:
+        options = read_options_file(saved)
+    except ValueError as exc:
+        raise RunDirError(f"{saved} cannot be read ({exc}); resume with --resume PATH from a checkpoint's "
+                          "folder, or start a new run in another --output-dir.") from None
+    known = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    keep = {k: v for k, v in options.items() if k in known and k not in cfg.given and k not in NOT_FROM_FILES
+            and k != "output_dir"}
+    return dataclasses.replace(cfg, **keep), read_json(saved)
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: Path | None = None  # what to load: a step_N folder or the final model (--eval-only)
+    state: TrainState | None = None
+    finished: str | None = None  # the run is finished and not extended: say this, and do nothing
+    note: str | None = None  # one line on what changed (the number of processes)
+
+
+def plan_resume(cfg: Config, saved: dict | None, run_dir: RunDir, num_processes: int, accumulation: int,
+                precision: str, warn) -> tuple[ResumePlan, Config]:
+    """The checkpoint to continue from (or to evaluate), with the options adjusted to it. Raises RunDirError
+    with one line per option that a resume may not change."""
+    if cfg.resume is None:
+        return ResumePlan(), cfg
+    if cfg.resume == "auto":
+        ckpt = run_dir.latest(warn=warn)
+    else:
+        ckpt = Path(cfg.resume)
+        check_checkpoint(ckpt)
+    if ckpt is None:
+        if cfg.eval_only:
+            raise CheckpointError(f"--eval-only: no checkpoint or final model in {run_dir}. Pass the output "
+                                  "folder of a run that saved one, or --resume PATH.")
+        return ResumePlan(), cfg  # --resume auto on a run that saved nothing yet: a fresh start
+    state = TrainState.load(ckpt)
+    if cfg.eval_only:
+        return ResumePlan(ckpt, state), cfg
+    cfg, note = _check_identity(cfg, saved, num_processes, accumulation, precision)
+    if state.finished:
+        return _extend(cfg, saved, run_dir, ckpt, state, note)
+    return ResumePlan(ckpt, state, note=note), cfg
+
+
+def _check_identity(cfg: Config, saved: dict | None, num_processes: int, accumulation: int,
+                    precision: str) -> tuple[Config, str | None]:
+    """Differences in what defines the run are errors; the per-process batch follows the processes."""
+    if saved is None:
+        return cfg, None
+    lines = [f"--{k.replace('_', '-')}: saved {saved[k]!r}, given {getattr(cfg, k)!r}"
+             for k in RUN_DEFINING if k in cfg.given and k in saved and saved[k] != getattr(cfg, k)]
+    if "mixed_precision_resolved" in saved and saved["mixed_precision_resolved"] != precision:
+        lines.append(f"--mixed-precision: saved {saved['mixed_precision_resolved']!r}, given {precision!r}")
+    saved_accumulation = saved.get("gradient_accumulation_resolved", 1)
+    if accumulation != saved_accumulation:
+        lines.append(f"--gradient-accumulation-steps: saved {saved_accumulation}, given {accumulation}")
+    if "batch_size" in cfg.given and cfg.batch_size != saved.get("batch_size", cfg.batch_size):
+        lines.append(f"--batch-size: saved {saved['batch_size']} per process ({saved['num_processes']} "
+                     f"process(es)), given {cfg.batch_size}")
+    if cfg.lr_schedule == "cosine" and ("epochs" in cfg.given and cfg.epochs != saved.get("epochs")
+                                        or "max_steps" in cfg.given and cfg.max_steps != saved.get("max_steps")):
+        lines.append(f"--epochs/--max-steps: the cosine schedule was fitted to {saved.get('epochs')} epochs "
+                     f"(max steps {saved.get('max_steps')}); it cannot change length")
+    if lines:
+        raise RunDirError("--resume: these options differ from the run's config.json, and they define the "
+                          "run; drop them, or start a new run in another --output-dir:\n  " + "\n  ".join(lines))
+    return _per_process_batch(cfg, saved, num_processes, accumulation)
+
+
+def _per_process_batch(cfg: Config, saved: dict, num_processes: int, accumulation: int) -> tuple[Config, str | None]:
+    saved_processes = saved.get("num_processes", num_processes)
+    if saved_processes == num_processes:
+        return cfg, None
+    global_batch = saved["global_batch_size"]
+    if global_batch % (num_processes * accumulation):
+        works = [p for p in range(1, global_batch + 1) if global_batch % (p * accumulation) == 0]
+        raise RunDirError(f"--resume: the run's global batch of {global_batch} cannot be split over "
+                          f"{num_processes} processes; resume it on {', '.join(map(str, works))} process(es).")
+    batch = global_batch // (num_processes * accumulation)
+    note = (f"resuming on {num_processes} process(es) instead of {saved_processes}: {batch} images per process "
+            f"and micro-batch, global batch {global_batch} as before")
+    return dataclasses.replace(cfg, batch_size=batch), note
+
+
+def _extend(cfg: Config, saved: dict | None, run_dir: RunDir, final: Path, state: TrainState,
+            note: str | None) -> tuple[ResumePlan, Config]:
+    """A finished run: nothing to do, or, with --epochs above its epochs, continue from its last state."""
+    trained = len(state.epoch_losses)
+    if cfg.epochs <= trained:
+        return ResumePlan(finished=f"{run_dir} is finished ({trained} epochs; its final model is {final}). "
+                                   f"To train it further, pass --resume auto --epochs N with N above {trained}."), cfg
+    if cfg.lr_schedule == "cosine":
+        raise RunDirError(f"--epochs {cfg.epochs}: {run_dir} was trained with --lr-schedule cosine, fitted to "
+                          f"{trained} epochs; it cannot be extended. Start a new run with --epochs {cfg.epochs}.")
+    last = run_dir.checkpoints / f"step_{state.global_step}"
+    try:
+        check_checkpoint(last)
+    except CheckpointError:
+        raise RunDirError(f"--epochs {cfg.epochs}: {run_dir} kept no usable training state after its last step "
+                          f"({last}; checkpoints were off, or it is damaged), so it cannot be extended. Start a "
+                          f"new run with --epochs {cfg.epochs}.") from None
+    message = f"extending {run_dir} from {trained} to {cfg.epochs} epochs"
+    return ResumePlan(last, TrainState.load(last), note=f"{note}; {message}" if note else message), cfg
