@@ -7,7 +7,11 @@ gloo. The three jobs are submitted together and run side by side:
 3. `scancel --signal=USR1 --batch` during training: a checkpoint, a requeue, a resumed run that finishes,
    one W&B run id from start to end and no training step logged twice.
 
-Needs root, slurm-wlm and munge (apt-get install slurm-wlm munge); skipped with the reason otherwise.
+All three are submitted with a user's Accelerate default config in place (HF_HOME, with `gpu_ids: '0'`,
+tests/accelerate_user_config.py): the scripts launch with the repository's configs, so it does not merge in.
+
+Needs root, slurm-wlm and munge (apt-get install slurm-wlm munge); skipped with the reason otherwise, and
+failed instead under CI=true as root, where .ci/run installs them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 import pytest
 
 import wandb_reader
+from accelerate_user_config import write_user_default_config
+from ci_tools import missing_tool
 from conftest import REPO, read_metrics, run_env
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
@@ -36,7 +42,7 @@ SIGNAL_EPOCHS = 40  # 160 steps: still training when the signal comes, whatever 
 @pytest.fixture(scope="session")
 def slurm_cluster():
     if WHY_NOT:
-        pytest.skip(f"no test Slurm cluster: {WHY_NOT}")
+        missing_tool(f"no test Slurm cluster: {WHY_NOT}")
     cluster = SlurmCluster(nodes=4, cpus=2, gpus=2)
     cluster.start()
     yield cluster
@@ -80,6 +86,9 @@ def slurm_jobs(slurm_cluster, image_tree, tmp_path_factory) -> dict[str, Job]:
     env = {k: v for k, v in run_env({"PYTHON": sys.executable}).items()
            if not k.startswith("SLURM_") and k not in ("TL_DIST_REPO",)}
     env["SLURM_CONF"] = str(slurm_cluster.conf)
+    # A one-GPU workstation's `accelerate config` (gpu_ids '0', fp16): it would stop both multi-process
+    # launches at once, and fp16 the CPU training, if the scripts let it merge in.
+    env["HF_HOME"] = str(write_user_default_config(root / "hf_home"))
     common = ["--gpus-per-node=2", "--cpus-per-task=2", "--time=10"]
     jobs = {}
 
