@@ -16,5 +16,6 @@ def in_ci_as_root() -> bool:
 def missing_tool(reason: str) -> None:
     """Skip the test with `reason`; fail it under CI=true as root."""
     if in_ci_as_root():
-        pytest.fail(f"{reason}; in CI (CI=true, root) .ci/run installs it, so this test must run", pytrace=False)
+        pytest.fail(f"{reason}; in CI (CI=true, as root) this test must run: .ci/run installs what it needs",
+                    pytrace=False)
     pytest.skip(reason)
