@@ -38,6 +38,7 @@ from tl_dist.data import (CachedImages, DataError, FeatureRows, ImageCache, Imag
                           ShardedBatchSampler, download_caltech101, find_image_root, index_images,
                           keep_decodable, make_loader, stratified_sample, stratified_split)
 from tl_dist.engine import Batches, StopRequest, evaluate, extract_features, fit  # noqa: E402
+from tl_dist.launch_check import exit_if_unsupported_setup  # noqa: E402
 from tl_dist.model import WeightsError, build_model, trainable_parameters  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
 from tl_dist.tracking import Tracker, resolve_mode  # noqa: E402
@@ -243,6 +244,7 @@ def build_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, mo
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_if_unsupported_setup()  # DeepSpeed, FSDP, Megatron-LM, XLA: refused before anything is written
     cfg = parse_args(argv)
     wandb_mode, wandb_note = resolve_mode(cfg.wandb_mode)
     tracking = wandb_mode != "disabled" and not cfg.eval_only
