@@ -72,8 +72,11 @@ slurm_run_training() {
   SIGNAL_MARK=${TMPDIR:-/tmp}/tl_dist-signal-$JOB_ID-$$ # its time tells checkpoints saved after the signal
   trap 'slurm_on_signal USR1' USR1
   trap 'slurm_on_signal TERM' TERM
+  local log log_start=0 pid status="" rc
+  log=$(readlink -f "/proc/$$/fd/2" || true) # the job's log; what the training adds to it starts here
+  if [[ -f $log ]]; then log_start=$(stat -c %s "$log"); fi
   "$@" "${TRAIN_ARGS[@]}" &
-  local pid=$! status="" rc
+  pid=$!
   while [[ -z $status ]]; do # a trapped signal interrupts `wait`: wait again until the launcher is done
     trapped=0
     rc=0
@@ -82,8 +85,16 @@ slurm_run_training() {
   done
   trap - USR1 TERM
   rm -f "$STOP_FILE"
-  echo "$(date '+%F %T') training exited with code $status"
+  echo "$(date '+%F %T') training exited with code $status$(slurm_error_line "$log" "$log_start" "$status")"
   slurm_finish "$status"
+}
+
+# ": <the training's error: line>" when it failed (exit code $3) after printing one into the log $1 past
+# byte $2: the log then ends with it, not with the ChildFailedError report torchrun prints after it.
+slurm_error_line() {
+  local line=""
+  if [[ $3 != 0 && -f $1 ]]; then line=$(tail -c +$(($2 + 1)) "$1" | grep -a '^error: ' | tail -n 1 || true); fi
+  echo "${line:+: $line}"
 }
 
 # Requeue after USR1, exit 75 after a checkpoint on TERM, else exit with the training's code.
