@@ -18,7 +18,7 @@ from tl_dist.console import RunConsole
 EXIT_UNSUPPORTED = 1  # as any other input the run cannot use
 # torchrun stops every process as soon as one fails: the others wait this long, so that rank 0 is not
 # stopped before it has said why (it exits at once, and torchrun then stops them).
-OTHER_RANKS_WAIT_S = 10
+OTHER_RANKS_WAIT_S = 30
 SUPPORTED = "DDP on the CPU, one GPU, several GPUs of one node or several nodes"
 # What `accelerate launch --use_deepspeed / --use_fsdp / --use_megatron_lm` (or a config file's
 # distributed_type) sets in every training process; Accelerate's state reads the same variables.
