@@ -1,13 +1,19 @@
 """The Slurm job scripts on a real Slurm cluster: a throwaway one on this machine (tests/slurm/cluster.py),
 four nodes with two GPUs each that have no CUDA behind them, so the same processes train on the CPU over
-gloo. The three jobs are submitted together and run side by side:
+gloo. The four jobs are submitted together and run side by side:
 
 1. launch/slurm_multi_node.sbatch on 2 nodes x 2 processes trains, writes metrics.json, one W&B run;
 2. launch/slurm_single_node.sbatch with 2 processes, without --output-dir: the same in runs/slurm-<id>;
 3. `scancel --signal=USR1 --batch` during training: a checkpoint, a requeue, a resumed run that finishes,
-   one W&B run id from start to end and no training step logged twice.
+   one W&B run id from start to end and no training step logged twice;
+4. a user error (a missing --data-dir) with 2 processes: the job fails and its log ends with the training's
+   one `error:` line (repeated by the script after torchrun's report).
 
-Needs root, slurm-wlm and munge (apt-get install slurm-wlm munge); skipped with the reason otherwise.
+All four are submitted with a user's Accelerate default config in place (HF_HOME, with `gpu_ids: '0'`,
+tests/accelerate_user_config.py): the scripts launch with the repository's configs, so it does not merge in.
+
+Needs root, slurm-wlm and munge (apt-get install slurm-wlm munge); skipped with the reason otherwise, and
+failed instead under CI=true as root, where .ci/run installs them.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from pathlib import Path
 import pytest
 
 import wandb_reader
+from accelerate_user_config import write_user_default_config
+from ci_tools import missing_tool
 from conftest import REPO, read_metrics, run_env
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
@@ -36,7 +44,7 @@ SIGNAL_EPOCHS = 40  # 160 steps: still training when the signal comes, whatever 
 @pytest.fixture(scope="session")
 def slurm_cluster():
     if WHY_NOT:
-        pytest.skip(f"no test Slurm cluster: {WHY_NOT}")
+        missing_tool(f"no test Slurm cluster: {WHY_NOT}")
     cluster = SlurmCluster(nodes=4, cpus=2, gpus=2)
     cluster.start()
     yield cluster
@@ -74,12 +82,16 @@ def train_args(data: Path, cache: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def slurm_jobs(slurm_cluster, image_tree, tmp_path_factory) -> dict[str, Job]:
-    """Submit the three jobs at once (they run side by side on the 4 nodes); each test waits for its own."""
+    """Submit the four jobs at once (they run side by side on the 4 nodes, the last queued behind them); each
+    test waits for its own."""
     root = tmp_path_factory.mktemp("slurm_jobs")
     # The submitting shell's environment, as a user's: W&B writes into the run folder (WANDB_DIR unset).
     env = {k: v for k, v in run_env({"PYTHON": sys.executable}).items()
            if not k.startswith("SLURM_") and k not in ("TL_DIST_REPO",)}
     env["SLURM_CONF"] = str(slurm_cluster.conf)
+    # A one-GPU workstation's `accelerate config` (gpu_ids '0', fp16): it would stop both multi-process
+    # launches at once, and fp16 the CPU training, if the scripts let it merge in.
+    env["HF_HOME"] = str(write_user_default_config(root / "hf_home"))
     common = ["--gpus-per-node=2", "--cpus-per-task=2", "--time=10"]
     jobs = {}
 
@@ -108,6 +120,14 @@ def slurm_jobs(slurm_cluster, image_tree, tmp_path_factory) -> dict[str, Job]:
                     "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--output-dir", str(out)),
         cwd=REPO, env=env)
     jobs["signal"] = Job(slurm_cluster, job_id, out, root / f"signal-{job_id}.out")
+
+    # A user error with 2 processes (torchrun's report follows the training's error line): queued behind
+    # the others, it fails within seconds of starting.
+    job_id = slurm_cluster.sbatch(
+        *common, f"--output={root}/error-%j.out", str(REPO / "launch" / "slurm_single_node.sbatch"),
+        *train_args(root / "no-such-folder", root / "cache-error", "--output-dir", str(root / "error")),
+        cwd=REPO, env=env)
+    jobs["error"] = Job(slurm_cluster, job_id, root / "error", root / f"error-{job_id}.out")
     return jobs
 
 
@@ -188,3 +208,14 @@ def test_single_node_job_trains_in_runs_slurm_job_id(slurm_jobs):
     folders = check_finished_run(job, processes=2, steps=8)  # 2 epochs of 32 images at 2 x 4
     assert len(folders) == 1, folders
     assert train_steps(folders[0]) == list(range(1, 9))
+
+
+def test_a_failed_job_log_ends_with_the_training_error(slurm_jobs):
+    job = slurm_jobs["error"]
+    final = job.wait()
+    assert final["JobState"] == "FAILED" and final["ExitCode"] == "1:0", job.diagnose()
+    lines = [line for line in job.text().splitlines() if line.strip()]
+    error = f"error: --data-dir {job.out.parent / 'no-such-folder'} does not exist."
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1].partition(": ")[2]], job.diagnose()
+    assert "ChildFailedError" in job.text()  # torchrun's report, between the error and the last line
+    assert re.fullmatch(r"\S+ \S+ training exited with code 1: " + re.escape(error) + ".*", lines[-1]), lines[-1]

@@ -40,6 +40,7 @@ from tl_dist.data import (CachedImages, DataError, FeatureRows, GlobalBatchSampl
                           make_loader, stratified_sample, stratified_split)
 from tl_dist.engine import (Batches, LoopSettings, Outcome, StopRequest, TrainLog, evaluate,  # noqa: E402
                             extract_features, fit, stop_with_launcher)
+from tl_dist.launch_check import exit_if_unsupported_setup  # noqa: E402
 from tl_dist.model import WeightsError, build_model, trainable_parameters  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
 from tl_dist.resume import ResumePlan, plan_resume, run_dir_of, with_saved_options  # noqa: E402
@@ -486,6 +487,7 @@ class FineTune:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_if_unsupported_setup()  # DeepSpeed, FSDP, Megatron-LM, XLA: refused before anything is written
     cfg = parse_args(argv)
     wandb_mode, wandb_note = resolve_mode(cfg.wandb_mode)
     tracking = wandb_mode != "disabled" and not cfg.eval_only
