@@ -29,10 +29,10 @@ import torch  # noqa: E402
 from tl_dist.checkpoint import TrainState  # noqa: E402
 from tl_dist.config import parse_args as parse_train_args  # noqa: E402
 from tl_dist.console import RunConsole  # noqa: E402
-from tl_dist.data import CachedImages, ImageCache, ShardedBatchSampler, index_images, make_loader  # noqa: E402
-from tl_dist.engine import Batches, StopRequest, extract_features, fit  # noqa: E402
-from tl_dist.model import build_model, trainable_parameters  # noqa: E402
-from tl_dist.train import build_accelerator, configure_threads  # noqa: E402
+from tl_dist.data import CachedImages, GlobalBatchSampler, index_images, make_loader  # noqa: E402
+from tl_dist.engine import Batches, LoopSettings, StopRequest, TrainLog, extract_features, fit  # noqa: E402
+from tl_dist.train import (build_accelerator, build_image_cache, build_network, build_optimizer,  # noqa: E402
+                           configure_threads, image_batches)
 
 
 def parse_args(argv=None):
@@ -53,6 +53,19 @@ def parse_args(argv=None):
 class NoTracker:
     def log(self, values, step):
         pass
+
+
+class SameBatch(torch.utils.data.Dataset):
+    """The same uint8 batch, already on the device, for every step: no input pipeline at all."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int):
+        self.images, self.labels, self.size = images, labels, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitems__(self, positions):
+        return self.images[:len(positions)], self.labels[:len(positions)], None
 
 
 def sync(device) -> None:
@@ -81,22 +94,15 @@ def main(argv=None) -> dict:
 
     # ---- the decoded-image cache of the real images (as train.py builds it)
     index = index_images(Path(a.data_dir))
-    cache = ImageCache(cfg.cache_dir, index, a.image_size)
     tic = time.perf_counter()
-    tmp = cache.create_tmp("bench")
-    cache.publish(tmp, cache.fill(tmp, range(len(index)), threads))
+    array_path, _ = build_image_cache(cfg, accelerator, console, index, threads)
     result["decode_images_per_second"] = len(index) / (time.perf_counter() - tic)
     repeat = -(-a.images // len(index))
     rows = (list(range(len(index))) * repeat)[:max(a.batch_size, a.images // a.batch_size * a.batch_size)]
     labels = [index.labels[r] for r in rows]
 
     # ---- 1. frozen-feature extraction
-    model = build_model(a.model, len(index.classes), "none", "features", cfg.dropout)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        model.embed = torch.compile(model.embed)
-    model = accelerator.prepare(model)
+    model = accelerator.prepare(build_network(cfg, len(index.classes), "none"))
     net = accelerator.unwrap_model(model).eval()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     x = torch.randn(a.batch_size, 3, a.image_size, a.image_size, device=device).contiguous(memory_format=fmt)
@@ -114,61 +120,43 @@ def main(argv=None) -> dict:
     result["features_synthetic_images_per_second"] = n_batches * a.batch_size / (time.perf_counter() - tic)
     result["feature_dim"] = f.shape[1]
 
-    loader = accelerator.prepare(make_loader(CachedImages(cache.array_path, rows, labels), batch_size=a.batch_size,
-                                             num_workers=workers, pin_memory=on_gpu))
+    batches = image_batches(cfg, accelerator, CachedImages(array_path, rows, labels))
     real = []
     for _ in range(2):  # the first pass starts the loader workers; the second is the steady state
         tic = time.perf_counter()
-        extract_features(accelerator, model, Batches(loader, False, cfg.channels_last), len(rows))
+        extract_features(accelerator, model, batches, len(rows))
         sync(device)
         real.append(len(rows) / (time.perf_counter() - tic))
     result["features_real_images_per_second_first_pass"] = real[0]
     result["features_real_images_per_second"] = real[1]
     result["features_real_over_synthetic"] = real[1] / result["features_synthetic_images_per_second"]
-    del model, net, loader, f
+    del model, net, batches, f
     if on_gpu:
         torch.cuda.empty_cache()
 
-    # ---- 2. full fine-tune through engine.fit
-    cfg.freeze, cfg.epochs = "none", 1
+    # ---- 2. full fine-tune through engine.fit, built as train.py builds it
+    cfg.freeze, cfg.lr = "none", 1e-4
     n_train = a.train_steps * a.batch_size
     rows_ft = (rows * (-(-n_train // len(rows))))[:n_train]
+    images = torch.randint(0, 256, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
+    ys = torch.randint(0, len(index.classes), (a.batch_size,), device=device)
     for source in ("synthetic", "real"):
-        torch.manual_seed(0)
-        model = build_model(a.model, len(index.classes), "none", "none", cfg.dropout)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if cfg.compile:
-            model.embed = torch.compile(model.embed)
-        optimizer = torch.optim.SGD(trainable_parameters(model), lr=1e-4, momentum=0.9, fused=True if on_gpu else None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        model = build_network(cfg, len(index.classes), "none")
+        optimizer, scheduler, _ = build_optimizer(cfg, accelerator, model, total_steps=2 * a.train_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        sampler = ShardedBatchSampler(len(rows_ft), a.batch_size, 1, 0, seed=0)
-        if source == "real":
-            batches = Batches(make_loader(CachedImages(cache.array_path, rows_ft, [index.labels[r] for r in rows_ft]),
-                                          sampler, num_workers=workers, pin_memory=on_gpu),
-                              pooled=False, channels_last=cfg.channels_last)
-        else:
-            images = torch.randint(0, 256, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8,
-                                   device=device)
-            ys = torch.randint(0, len(index.classes), (a.batch_size,), device=device)
-
-            class Synthetic:  # the same uint8 batch on the device, every step: no input pipeline at all
-                batch_sampler = sampler
-
-                def __iter__(self):
-                    for _ in sampler:
-                        yield images, ys, None
-
-            batches = Batches(Synthetic(), pooled=False, channels_last=cfg.channels_last)
+        sampler = GlobalBatchSampler(len(rows_ft), a.batch_size, 1, 0, seed=0)
+        dataset = (CachedImages(array_path, rows_ft, [index.labels[r] for r in rows_ft]) if source == "real"
+                   else SameBatch(images, ys, len(rows_ft)))
+        batches = (image_batches(cfg, accelerator, dataset, sampler) if source == "real"
+                   else Batches(make_loader(dataset, sampler), pooled=False, channels_last=cfg.channels_last))
         state = TrainState()
         speeds = []
         for epoch in range(2):  # epoch 1 warms up; epoch 2 is timed
-            cfg.epochs = epoch + 1
+            settings = LoopSettings(epochs=epoch + 1, log_every=1000)
             state.train_images, state.train_seconds = 0, 0.0
-            outcome = fit(accelerator, model, optimizer, scheduler, batches, state, cfg, work, index.classes,
-                          NoTracker(), console, StopRequest(work))
-            assert outcome == "finished", outcome
+            outcome = fit(accelerator, model, optimizer, scheduler, batches, state, settings, lambda: None,
+                          StopRequest(work / "STOP"), TrainLog(NoTracker(), console, settings))
+            assert outcome.value == "finished", outcome
             sync(device)
             speeds.append(state.train_images / state.train_seconds)
         result[f"finetune_{source}_images_per_second"] = speeds[1]

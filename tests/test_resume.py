@@ -198,8 +198,8 @@ def test_pruning_keeps_the_newest_complete_checkpoints(runs):
     for out in (runs["reference"], runs["resumed"]):
         kept = [int(p.name.removeprefix("step_")) for p in RunDir(out).valid_checkpoints()]
         every, epoch_end = checkpoint_every(runs["nproc"]), STEPS_PER_EPOCH[runs["nproc"]]
-        # every N steps, and at the end of the first epoch (none after the last step: the final model)
-        expected = sorted({*range(every, 2 * epoch_end, every), epoch_end})[-KEEP:]
+        # every N steps, at the end of each epoch, and after the last step (what --epochs M extends)
+        expected = sorted({*range(every, 2 * epoch_end, every), epoch_end, 2 * epoch_end})[-KEEP:]
         assert kept == expected
         assert not list((out / "checkpoints").glob(".tmp-*"))  # leftovers of a killed save are cleaned up
 

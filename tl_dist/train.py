@@ -231,6 +231,32 @@ def feature_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, 
     return Batches(loader if sampler is not None else accelerator.prepare(loader), pooled=True), seconds
 
 
+# ---------------------------------------------------------------- the network and the optimizer
+
+
+def build_network(cfg: Config, num_classes: int, weights: str) -> torch.nn.Module:
+    """The network with its new head (`weights`: imagenet | none | PATH), in channels_last and compiled when
+    asked. With imagenet, every process of a node but one waits for that one's download."""
+    set_seed(cfg.seed)  # the same new head on every process
+    model = build_model(cfg.model, num_classes, weights, cfg.freeze, cfg.dropout)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.embed = torch.compile(model.embed)
+    return model
+
+
+def build_optimizer(cfg: Config, accelerator: Accelerator, model, total_steps: int):
+    """SGD over the trainable parameters (the classifier, with the article's frozen features) and the
+    learning-rate schedule. Returns (optimizer, scheduler, lr)."""
+    lr = cfg.lr * (accelerator.num_processes if cfg.scale_lr else 1)
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=lr, momentum=cfg.momentum,
+                                fused=True if fused_sgd_available(accelerator.device) else None)
+    schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else \
+        (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), lr
+
+
 # ---------------------------------------------------------------- the recipe
 
 
@@ -340,16 +366,9 @@ class FineTune:
         return configure_threads(self.cfg, self.accelerator)
 
     def _build_model(self, plan: ResumePlan):
-        set_seed(self.cfg.seed)  # the same new head on every process
         weights = "none" if plan.checkpoint else self.cfg.weights  # a checkpoint brings its own
         with self.accelerator.local_main_process_first():  # one download of the ImageNet weights per node
-            model = build_model(self.cfg.model, len(self.data.index.classes), weights, self.cfg.freeze,
-                                self.cfg.dropout)
-        if self.cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.cfg.compile:
-            model.embed = torch.compile(model.embed)
-        return model
+            return build_network(self.cfg, len(self.data.index.classes), weights)
 
     def _write_run_start(self) -> None:
         data, run_dir = self.data, self.run_dir
@@ -365,19 +384,14 @@ class FineTune:
         self.accelerator.wait_for_everyone()
 
     def _setup_optimizer(self) -> None:
-        """SGD over the trainable parameters (the classifier, with the article's frozen features)."""
+        """The global batches (the same for any number of processes), SGD and its schedule."""
         cfg, accelerator = self.cfg, self.accelerator
-        self.lr = cfg.lr * (accelerator.num_processes if cfg.scale_lr else 1)
-        optimizer = torch.optim.SGD(trainable_parameters(self.model), lr=self.lr, momentum=cfg.momentum,
-                                    fused=True if fused_sgd_available(accelerator.device) else None)
         self.sampler = GlobalBatchSampler(len(self.data.train_rows), cfg.batch_size, accelerator.num_processes,
                                           accelerator.process_index, cfg.seed, gradient_accumulation(cfg))
         self.settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.checkpoint_every_epochs,
                                      cfg.checkpoint_every_steps, cfg.max_skipped_steps, cfg.log_every)
-        total_steps = self.settings.total_steps(self.sampler.steps_per_epoch)
-        schedule = (lambda s: 1.0) if cfg.lr_schedule == "constant" else \
-            (lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer, scheduler, self.lr = build_optimizer(cfg, accelerator, self.model,
+                                                        self.settings.total_steps(self.sampler.steps_per_epoch))
         self.model, self.optimizer, self.scheduler = accelerator.prepare(self.model, optimizer, scheduler)
 
     def _setup_batches(self) -> None:
