@@ -19,8 +19,11 @@ METRIC_ROWS = [("loss", "test loss", "{:.4f}"), ("accuracy", "top-1 accuracy", "
 
 class RunConsole:
     def __init__(self, is_main: bool):
+        # Outside a terminal (logs, CI, Slurm) lines are never folded: a path must stay whole to be found.
         self.console = Console(quiet=not is_main, highlight=False)
+        self.console.soft_wrap = not self.console.is_terminal
         self.err = Console(stderr=True, quiet=not is_main, highlight=False)
+        self.err.soft_wrap = not self.err.is_terminal
         self.live = self.console.is_terminal
         self.progress: Progress | None = None
 

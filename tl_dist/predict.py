@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tl_dist.checkpoint import CheckpointError, load_weights, read_classes
+from tl_dist.checkpoint import CheckpointError, check_checkpoint, load_weights, read_classes
 from tl_dist.run_dir import CLASSES_FILE, CONFIG_FILE, FINAL_MODEL, WEIGHTS_FILE, RunDir
 from tl_dist.data import IMAGE_EXTENSIONS, _hidden, load_image, normalize
 from tl_dist.model import build_model
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_model_dir(path: Path) -> Path:
     """The folder holding the weights: DIR itself, DIR/model, or the run's newest checkpoint."""
     if (path / WEIGHTS_FILE).is_file():
+        check_checkpoint(path, "--checkpoint")  # one given explicitly: damaged is an error, not a fallback
         return path
     found = RunDir(path).latest(warn=lambda message: print(message, file=sys.stderr)) if path.is_dir() else None
     if found is None:

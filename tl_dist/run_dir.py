@@ -117,16 +117,16 @@ def exchange(new: Path, old: Path) -> None:
 
 
 def is_disk_full(exc: BaseException, folder: Path) -> bool:
-    """ENOSPC, however it reaches us: an OSError, or a message from inside torch or safetensors (torch's
-    writer says only "file write failed", so then look at the free space left)."""
+    """ENOSPC, however it reaches us: an OSError, or a message from inside torch or safetensors. torch's
+    writer says only "file write failed" or "iostream error", so a failed write also counts when the
+    folder's file system has less than 1 MiB left."""
     for e in (exc, exc.__cause__, exc.__context__):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if e is not None and ("No space left" in str(e) or "StorageFull" in str(e)):
             return True
-    if "write failed" in str(exc) or isinstance(exc, OSError):
-        with contextlib.suppress(OSError):
-            return shutil.disk_usage(folder).free < 1 << 20
+    with contextlib.suppress(OSError):
+        return shutil.disk_usage(folder).free < 1 << 20
     return False
 
 

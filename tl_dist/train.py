@@ -502,7 +502,11 @@ class FineTune:
 
 def main(argv: list[str] | None = None) -> int:
     exit_if_unsupported_setup()  # DeepSpeed, FSDP, Megatron-LM, XLA: refused before anything is written
-    cfg = parse_args(argv)
+    try:
+        cfg, saved = with_saved_options(parse_args(argv))  # a resume: the run's own options
+    except RunDirError as exc:
+        _error(None, str(exc))
+        return 1
     wandb_mode, wandb_note = resolve_mode(cfg.wandb_mode)
     tracking = wandb_mode != "disabled" and not cfg.eval_only
     if tracking and importlib.util.find_spec("wandb") is None:
@@ -510,7 +514,6 @@ def main(argv: list[str] | None = None) -> int:
                              "wandb, or pass --wandb-mode disabled")
     console = recipe = None
     try:
-        cfg, saved = with_saved_options(cfg)
         stop_with_launcher()
         accelerator = build_accelerator(cfg, "wandb" if tracking else None)
         console = RunConsole(accelerator.is_main_process)
