@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type == "bool":
             group.add_argument(_flag(f.name), action="store_true", help=meta["help"])
             continue
-        kind = {"int": int, "float": float}.get(f.type, str)
+        kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)  # "int | None": an int or unset
         group.add_argument(_flag(f.name), type=kind, default=f.default, choices=meta["choices"],
                            metavar=None if meta["choices"] else f.name.split("_")[-1].upper(),
                            help=meta["help"])
