@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 from torchvision.utils import make_grid
 
-from tl_dist.metrics import confusion_matrix
+from tl_dist.metrics import class_scores, confusion_matrix
 
 PER_CLASS_CSV = "per_class.csv"
 CONFUSION_CSV = "confusion_matrix.csv"
@@ -62,21 +62,19 @@ class Report:
         return int(self.confusion.sum())
 
     def per_class(self) -> list[dict]:
-        """One row per class, in class order. A class's accuracy is its recall (the fraction of its test
-        images classified correctly): Caltech-101's usual figure is the mean of it over the classes.
-        Accuracy, recall and F1 are None for a class without test images."""
-        cm = self.confusion
-        off_diagonal = cm - torch.diag(cm.diag())
+        """One row per class, in class order, from metrics.class_scores. A class's accuracy is its recall
+        (the fraction of its test images classified correctly): Caltech-101's usual figure is the mean of
+        it over the classes. Accuracy, recall and F1 are None for a class without test images."""
+        scores = class_scores(self.confusion)
+        off_diagonal = self.confusion - torch.diag(self.confusion.diag())
         rows = []
         for c, name in enumerate(self.classes):
-            support, predicted, correct = int(cm[c].sum()), int(cm[:, c].sum()), int(cm[c, c])
-            precision = correct / predicted if predicted else 0.0
-            recall = correct / support if support else None
-            f1 = None if recall is None else (2 * precision * recall / (precision + recall)
-                                              if precision + recall > 0 else 0.0)
+            present = bool(scores.present[c])
+            recall = scores.recall[c].item() if present else None
             confused = int(off_diagonal[c].argmax()) if off_diagonal[c].sum() > 0 else None
-            rows.append({"class": name, "support": support, "correct": correct, "accuracy": recall,
-                         "precision": precision, "recall": recall, "f1": f1,
+            rows.append({"class": name, "support": int(scores.support[c]), "correct": int(scores.correct[c]),
+                         "accuracy": recall, "precision": scores.precision[c].item(), "recall": recall,
+                         "f1": scores.f1[c].item() if present else None,
                          "most_confused_with": self.classes[confused] if confused is not None else None,
                          "most_confused_count": int(off_diagonal[c, confused]) if confused is not None else 0})
         return rows
