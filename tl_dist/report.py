@@ -19,8 +19,11 @@ torchvision's `make_grid`.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +48,13 @@ GRID_COLUMNS = 6
 TILE = 176  # px per picture in the grid: 6 tiles make it ~1100 px wide whatever the run's image size
 CAPTION = 46  # px of white band above each picture for its three caption lines
 DPI = 100
+# Class names may be in any script. matplotlib (>= 3.6) draws each character with the first of these families
+# that has it: DejaVu Sans (its default: Latin, Greek, Cyrillic), then Noto Sans CJK (Debian/Ubuntu package
+# fonts-noto-cjk: Chinese, Japanese, Korean). Families that are not installed are left out.
+FONT_FAMILIES = ("DejaVu Sans", "Noto Sans CJK JP")
+FONT_FILES = ("NotoSansCJK-Regular", "NotoSansCJK-Bold")  # found on disk when matplotlib's font list predates them
+WANDB_CONFUSION_PRESET = "wandb/confusion_matrix/v1"  # the chart wandb.plot.confusion_matrix draws
+WANDB_CONFUSION_COLUMNS = ["Actual", "Predicted", "nPredictions"]  # the preset's field names
 
 
 @dataclass
@@ -132,6 +142,10 @@ def write_report(report: Report, run_dir: Path, test_images, warn=print) -> None
                  files["worst mistakes"]))]
     steps.append(("worst mistakes, with files", lambda: write_mistakes_csv(report, run_dir, files[
         "worst mistakes, with files"])))
+    missing = missing_glyphs(report.classes)
+    if missing:
+        warn(f"warning: no installed font has the characters {missing!r} of the class names: the pictures show "
+             f"them as boxes (install a font for them, e.g. Debian's fonts-noto-core or fonts-noto-cjk)")
     for what, write in steps:
         try:
             write()
@@ -192,6 +206,47 @@ def _figure(width_px: int, height_px: int):
     return fig
 
 
+@functools.cache
+def font_families() -> list[str]:
+    """The installed ones of FONT_FAMILIES. matplotlib caches its font list on disk the first time it runs,
+    so a font installed after that is added here from the system's font folders."""
+    from matplotlib import font_manager
+
+    manager = font_manager.fontManager
+    if not set(FONT_FAMILIES) <= {f.name for f in manager.ttflist}:
+        for path in font_manager.findSystemFonts():
+            if Path(path).stem in FONT_FILES:
+                manager.addfont(path)
+    known = {f.name for f in manager.ttflist}
+    return [family for family in FONT_FAMILIES if family in known]
+
+
+def missing_glyphs(texts: list[str]) -> str:
+    """The characters of `texts` that none of font_families() has: they would be drawn as boxes."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    covered: set[int] = set()
+    for family in font_families():
+        path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        covered |= set(FT2Font(path).get_charmap())
+    return "".join(sorted({ch for text in texts for ch in text if ord(ch) not in covered and ch.isprintable()}))
+
+
+def _with_name_fonts(draw):
+    """Draw with the fallback fonts; matplotlib's warning per missing character is replaced by
+    write_report's one line that names them."""
+    @functools.wraps(draw)
+    def drawing(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"font.family": font_families()}), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            return draw(*args, **kwargs)
+    return drawing
+
+
+@_with_name_fonts
 def draw_confusion_matrix(report: Report, path: Path) -> None:
     """Left: the confusion matrix of the most confused classes, counts in the cells; correct predictions
     in green, confusions in red, both shaded by the share of the true class. Right: the largest confusions
@@ -209,9 +264,9 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
     cell = 30 if n > 15 else 40
     side = max(n * cell, 300)
     names_px, gap_px, bars_px = 190, 300, 400
-    width, height = names_px + side + gap_px + bars_px + 50, side + 260
+    width, height = names_px + side + gap_px + bars_px + 50, side + 280
     fig = _figure(width, height)
-    bottom = 170 / height
+    bottom = 190 / height
     ax = fig.add_axes((names_px / width, bottom, side / width, side / height))
     diagonal = np.eye(n, dtype=bool)
     ax.imshow(np.ma.masked_where(~diagonal, share), cmap=colormaps["Greens"], vmin=0, vmax=1.25)
@@ -221,24 +276,28 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
             if cm[i, j]:
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7 if n > 15 else 9,
                         color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks(range(n), [names[c] for c in shown], rotation=60, ha="right", rotation_mode="anchor",
-                  fontsize=8)
-    ax.set_yticks(range(n), [names[c] for c in shown], fontsize=8)
+    ticks = [_short(names[c], 22) for c in shown]  # 22 columns fit the 190 px margins at 8 pt
+    ax.set_xticks(range(n), ticks, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(n), ticks, fontsize=8)
     ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="#dddddd", linewidth=0.5)
     ax.tick_params(which="minor", length=0)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    # Axis labels at the figure's edges, beyond the longest (shortened) class name.
+    fig.text((names_px + side / 2) / width, 6 / height, "predicted class", ha="center", va="bottom")
+    fig.text(10 / width, bottom + side / 2 / height, "true class", rotation=90, ha="left", va="center")
     total = len(names)
     scope = f"the {n} most confused of {total} classes" if n < total else f"all {total} classes"
-    ax.set_title(f"Confusion matrix, test split: {scope}\n(rows = true class; green = correct, red = "
-                 f"confused, shade = share of the true class; every class in {CONFUSION_CSV})", fontsize=10)
+    # Title and legend span the whole figure (at least 1240 px wide), so no class count or name clips them.
+    fig.text(0.5, 1 - 16 / height, f"Confusion matrix, test split: {scope}", ha="center", va="center",
+             fontsize=12)
+    fig.text(0.5, 1 - 38 / height, f"rows = true class; green = correct, red = confused, shade = share of the "
+             f"true class; every class in {CONFUSION_CSV}", ha="center", va="center", fontsize=9.5)
 
     pairs = report.confused_pairs()
     bars = fig.add_axes(((names_px + side + gap_px) / width, bottom, bars_px / width, side / height))
     if pairs:
-        labels = [f"{names[t]} → {names[p]}" for t, p, _ in pairs]
+        labels = [f"{_short(names[t], 18)} → {_short(names[p], 18)}" for t, p, _ in pairs]  # fit the gap
         counts = [c for _, _, c in pairs]
         y = np.arange(len(pairs))
         bars.barh(y, counts, color="#d62728")
@@ -258,9 +317,18 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
 
 
 def _short(name: str, limit: int = 22) -> str:
-    return name if len(name) <= limit else name[:limit - 1] + "…"
+    """`name` cut to `limit` columns, a wide (CJK) character counting as two."""
+    columns = [2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in name]
+    if sum(columns) <= limit:
+        return name
+    cut, used = 0, 0
+    while used + columns[cut] <= limit - 1:  # - 1: room for the ellipsis
+        used += columns[cut]
+        cut += 1
+    return name[:cut] + "…"
 
 
+@_with_name_fonts
 def draw_mistakes(report: Report, images: torch.Tensor | None, path: Path) -> None:
     """The most confident wrong predictions as one grid (torchvision's make_grid), each picture under a
     white band with its caption: predicted class, true class, confidence."""
@@ -298,8 +366,18 @@ def draw_mistakes(report: Report, images: torch.Tensor | None, path: Path) -> No
 # ---------------------------------------------------------------- W&B
 
 
+def wandb_confusion_rows(report: Report) -> list[list]:
+    """[true class, predicted class, count] for each non-zero cell of the confusion matrix, which counts
+    every test image. wandb.plot.confusion_matrix writes all C x C cells instead, so from 101 classes on
+    it passes wandb.Table's 10,000-row limit and W&B silently drops the last rows (and their images).
+    Non-zero cells are at most one per test image, so this stays exact below 10,000 test images."""
+    names = report.classes
+    return [[names[t], names[p], int(report.confusion[t, p])] for t, p in report.confusion.nonzero().tolist()]
+
+
 def log_report(tracker, report: Report, run_dir: Path, prefix: str, step: int) -> None:
-    """The per-class table, W&B's own interactive confusion matrix, and the two pictures, under prefix/."""
+    """The per-class table, W&B's interactive confusion matrix (its own preset, fed the non-zero cells),
+    and the two pictures, under prefix/."""
     if not (tracker.enabled and tracker.accelerator.is_main_process):
         return
     import wandb
@@ -307,14 +385,11 @@ def log_report(tracker, report: Report, run_dir: Path, prefix: str, step: int) -
     files = {what: path for what, path in report_files(run_dir).items() if path.is_file()}
     columns = ["class", "support", "accuracy", "precision", "recall", "f1", "most_confused_with"]
     table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in report.per_class()])
-    y_true, preds = [], []
-    for t, row in enumerate(report.confusion.tolist()):  # W&B's plot wants one (label, pred) per image
-        for p, count in enumerate(row):
-            y_true += [t] * count
-            preds += [p] * count
+    cells = wandb.Table(columns=WANDB_CONFUSION_COLUMNS, data=wandb_confusion_rows(report))
     values = {f"{prefix}/per_class": table,
-              f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
-                  y_true=y_true, preds=preds, class_names=report.classes, title="Confusion matrix (test)")}
+              f"{prefix}/confusion_matrix": wandb.plot_table(
+                  WANDB_CONFUSION_PRESET, cells, fields={c: c for c in WANDB_CONFUSION_COLUMNS},
+                  string_fields={"title": "Confusion matrix (test)"})}
     for key, what in (("confusion_matrix_top", "confusion matrix"), ("mistakes", "worst mistakes")):
         if what in files:
             values[f"{prefix}/{key}"] = wandb.Image(str(files[what]))

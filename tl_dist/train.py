@@ -40,7 +40,7 @@ from tl_dist.data import (CachedImages, DataError, FeatureRows, ImageCache, Imag
 from tl_dist.engine import Batches, StopRequest, evaluate, extract_features, fit  # noqa: E402
 from tl_dist.model import WeightsError, build_model, trainable_parameters  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
-from tl_dist.tracking import Tracker, resolve_mode  # noqa: E402
+from tl_dist.tracking import Tracker, resolve_mode, wandb_run  # noqa: E402
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed on a signal or STOP file; run again with --resume auto
 USER_ERRORS = (DataError, WeightsError, CheckpointError)
@@ -335,7 +335,7 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
                   "mixed_precision_resolved": accelerator.mixed_precision, "feature_cache": use_feature_cache,
                   "steps_per_epoch": steps_per_epoch, "output_dir": str(run_dir),
                   "cpu_threads": torch.get_num_threads()}
-    tracker.start(cfg.wandb_project, cfg.wandb_run_name or run_dir.name, run_config)
+    tracker.start(wandb_run(cfg, default_name=run_dir.name), run_config)
     state.wandb_run_id = tracker.run_id or state.wandb_run_id
     if accelerator.is_main_process:
         write_json(run_dir / "config.json", run_config)
@@ -386,6 +386,8 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
         write_report(report, run_dir, test_images, console.warn)
     accelerator.wait_for_everyone()
     log_report(tracker, report, run_dir, "finetuned", step=state.global_step)
+    if cfg.wandb_log_model:
+        tracker.log_model(run_dir / FINAL_MODEL, test_metrics)
     tracker.finish()
     print_summary(console, report, state.baseline, test_metrics, run_dir)
     return 0
