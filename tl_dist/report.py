@@ -283,9 +283,12 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
     ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="#dddddd", linewidth=0.5)
     ax.tick_params(which="minor", length=0)
-    # Axis labels at the figure's edges, beyond the longest (shortened) class name.
-    fig.text((names_px + side / 2) / width, 6 / height, "predicted class", ha="center", va="bottom")
-    fig.text(10 / width, bottom + side / 2 / height, "true class", rotation=90, ha="left", va="center")
+    # Axis labels just beyond the longest tick label (about 5.5 px per column at 8 pt; 60 degrees down).
+    names_extent = 14 + 5.5 * max(_columns(t) for t in ticks)
+    fig.text((names_px + side / 2) / width, max(6, 190 - 14 - 0.87 * names_extent) / height, "predicted class",
+             ha="center", va="top")
+    fig.text(max(6, names_px - names_extent - 4) / width, bottom + side / 2 / height, "true class",
+             rotation=90, ha="right", va="center")
     total = len(names)
     scope = f"the {n} most confused of {total} classes" if n < total else f"all {total} classes"
     # Title and legend span the whole figure (at least 1240 px wide), so no class count or name clips them.
@@ -294,8 +297,15 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
     fig.text(0.5, 1 - 38 / height, f"rows = true class; green = correct, red = confused, shade = share of the "
              f"true class; every class in {CONFUSION_CSV}", ha="center", va="center", fontsize=9.5)
 
+    _draw_confusion_bars(report, fig.add_axes(((names_px + side + gap_px) / width, bottom, bars_px / width,
+                                               side / height)))
+    fig.savefig(path, dpi=DPI)
+
+
+def _draw_confusion_bars(report: Report, bars) -> None:
+    """The largest confusions as horizontal bars, largest on top, named `true → predicted`."""
     pairs = report.confused_pairs()
-    bars = fig.add_axes(((names_px + side + gap_px) / width, bottom, bars_px / width, side / height))
+    names = report.classes
     if pairs:
         labels = [f"{_short(names[t], 18)} → {_short(names[p], 18)}" for t, p, _ in pairs]  # fit the gap
         counts = [c for _, _, c in pairs]
@@ -313,12 +323,20 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
                   va="center", fontsize=11, transform=bars.transAxes)
     bars.set_title(f"Largest confusions (true → predicted)\n{report.num_wrong} of {report.num_samples} "
                    f"test images wrong", fontsize=10)
-    fig.savefig(path, dpi=DPI)
+
+
+def _column_widths(name: str) -> list[int]:
+    """Display columns per character: a wide (CJK) character takes two."""
+    return [2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in name]
+
+
+def _columns(name: str) -> int:
+    return sum(_column_widths(name))
 
 
 def _short(name: str, limit: int = 22) -> str:
-    """`name` cut to `limit` columns, a wide (CJK) character counting as two."""
-    columns = [2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in name]
+    """`name` cut to `limit` columns, ending in an ellipsis when cut."""
+    columns = _column_widths(name)
     if sum(columns) <= limit:
         return name
     cut, used = 0, 0
