@@ -142,15 +142,23 @@ def write_report(report: Report, run_dir: Path, test_images, warn=print) -> None
                  files["worst mistakes"]))]
     steps.append(("worst mistakes, with files", lambda: write_mistakes_csv(report, run_dir, files[
         "worst mistakes, with files"])))
-    missing = missing_glyphs(report.classes)
-    if missing:
-        warn(f"warning: no installed font has the characters {missing!r} of the class names: the pictures show "
-             f"them as boxes (install a font for them, e.g. Debian's fonts-noto-core or fonts-noto-cjk)")
+    _warn_missing_glyphs(report.classes, warn)
     for what, write in steps:
         try:
             write()
         except Exception as exc:  # noqa: BLE001 - see the docstring
             warn(f"warning: could not write the {what} ({files[what]}): {type(exc).__name__}: {exc}")
+
+
+def _warn_missing_glyphs(classes: list[str], warn) -> None:
+    try:
+        missing = missing_glyphs(classes)
+    except Exception as exc:  # noqa: BLE001 - a font problem must not fail a finished run
+        warn(f"warning: could not check the fonts for the class names: {type(exc).__name__}: {exc}")
+        return
+    if missing:
+        warn(f"warning: no installed font has the characters {missing!r} of the class names: the pictures show "
+             f"them as boxes (install a font for them, e.g. Debian's fonts-noto-core or fonts-noto-cjk)")
 
 
 def write_per_class_csv(report: Report, path: Path) -> None:
