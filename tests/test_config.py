@@ -15,7 +15,7 @@ def test_defaults_are_the_articles_recipe():
         (5, 32, 0.001, 0.9, 224, 0.2)
     assert (cfg.model, cfg.weights, cfg.freeze, cfg.seed) == ("vgg16", "imagenet", "features", 0)
     assert cfg.data_dir == "./data/caltech-101" and cfg.output_dir is None
-    assert cfg.wandb_project == "transfer_learn_pytorch" and cfg.wandb_mode is None
+    assert cfg.wandb_project is None and cfg.wandb_mode is None  # None: $WANDB_PROJECT, else transfer_learn_pytorch
     assert cfg.mixed_precision is None  # = whatever accelerate launch was given
 
 

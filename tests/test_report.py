@@ -15,6 +15,7 @@ from PIL import Image
 
 import wandb_reader
 from conftest import launch, read_metrics, tiny_args
+from test_metrics import check_against_logits
 from tl_dist import report as rpt
 
 CLASSES = ["BACKGROUND_Google", "Faces_easy", "Leopards", "Motorbikes", "airplanes", "car_side", "sunflower",
@@ -110,6 +111,12 @@ def test_run_writes_the_report(report_run):
         assert name in summary
 
 
+def test_run_metrics_match_an_independent_computation(report_run):
+    data, out, _ = report_run
+    expected = check_against_logits(out, data)  # numpy on the saved model's logits, not our confusion matrix
+    assert 0.2 < expected["accuracy"] < expected["top5_accuracy"] <= 1.0
+
+
 def test_run_logs_the_report_to_wandb(report_run):
     _, out, _ = report_run
     (run,) = wandb_reader.run_dirs(out / "wandb")
@@ -119,7 +126,9 @@ def test_run_logs_the_report_to_wandb(report_run):
     assert row["finetuned/per_class/_type"] == "table-file" and row["finetuned/per_class/nrows"] == len(CLASSES)
     table = json.loads((run / "files" / row["finetuned/per_class/path"]).read_text())
     assert table["columns"][:2] == ["class", "support"] and [r[0] for r in table["data"]] == CLASSES
-    assert row["finetuned/confusion_matrix_table/nrows"] == len(CLASSES) ** 2  # W&B's own plot
+    # W&B's confusion-matrix chart, fed one row per non-zero cell (test_wandb_tracking.py: all 102 classes).
+    cells = json.loads((run / "files" / row["finetuned/confusion_matrix_table/path"]).read_text())["data"]
+    assert sum(count for _, _, count in cells) == 32 and len(cells) == row["finetuned/confusion_matrix_table/nrows"]
     with Image.open(out / rpt.MISTAKES_PNG) as img:
         assert row["finetuned/mistakes/width"] == img.width
     assert (run / "files" / row["finetuned/confusion_matrix_top/path"]).is_file()

@@ -50,6 +50,12 @@ def run_id(run_dir: Path) -> str:
     return run_dir.name.rsplit("-", 1)[1]
 
 
+def records(run_dir: Path):
+    """Every record of the run's .wandb file, in order (run, config, history, artifact, ...)."""
+    (wandb_file,) = Path(run_dir).glob("run-*.wandb")
+    return list(read_records(wandb_file))
+
+
 def history(run_dir: Path) -> list[dict]:
     """One dict per history row: {key: value}, `_step` included."""
     (wandb_file,) = Path(run_dir).glob("run-*.wandb")

@@ -88,8 +88,17 @@ class Config:
     max_skipped_steps: int = _opt("fp16: stop when the grad scaler skips this many steps in a row",
                                   "Checkpoints", 50, positive=True)
     # --- Tracking ---
-    wandb_project: str = _opt("W&B project", "Tracking", "transfer_learn_pytorch")
-    wandb_run_name: str | None = _opt("W&B run name (default: the output folder's name)", "Tracking")
+    # W&B's own environment variables give the defaults (flag > $WANDB_... > ours): tracking.wandb_run.
+    wandb_project: str | None = _opt("W&B project (default: $WANDB_PROJECT, else transfer_learn_pytorch)",
+                                     "Tracking")
+    wandb_entity: str | None = _opt("W&B user or team (default: $WANDB_ENTITY, else your W&B default)",
+                                    "Tracking")
+    wandb_run_name: str | None = _opt("W&B run name (default: $WANDB_NAME, else the output folder's name)",
+                                      "Tracking")
+    wandb_group: str | None = _opt("W&B run group (default: $WANDB_RUN_GROUP)", "Tracking")
+    wandb_tags: str | None = _opt("comma-separated W&B tags (default: $WANDB_TAGS)", "Tracking")
+    wandb_log_model: bool = _opt("log the final model/ folder as a W&B artifact of type model, with the test "
+                                 "metrics as its metadata", "Tracking", False)
     wandb_mode: str | None = _opt("W&B mode (default: $WANDB_MODE; offline when no W&B credentials)",
                                   "Tracking", None, choices=("online", "offline", "disabled"))
     log_every: int = _opt("print a progress line every N steps when the output is not a terminal (W&B gets "

@@ -258,24 +258,25 @@ def keep_decodable(index: ImageIndex, bad: dict[str, str], warn=print) -> tuple[
 # ---------------------------------------------------------------- split
 
 
-def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Per class, floor(n * f + 0.5) test images (at least 1 when the class has 2 or more), chosen by
-    `seed`. The same on every process. Returns sorted (train, test) positions."""
-    g = torch.Generator().manual_seed(seed)
+def shuffled_by_class(labels: list[int], seed: int) -> list[list[int]]:
+    """The positions of each class, class by class in label order, each list shuffled by one generator
+    seeded with `seed`: taking a prefix of each list draws a stratified random subset."""
     by_class: dict[int, list[int]] = {}
     for i, y in enumerate(labels):
         by_class.setdefault(y, []).append(i)
+    g = torch.Generator().manual_seed(seed)
+    return [[by_class[y][i] for i in torch.randperm(len(by_class[y]), generator=g).tolist()]
+            for y in sorted(by_class)]
+
+
+def stratified_split(labels: list[int], test_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Per class, floor(n * f + 0.5) test images (at least 1 when the class has 2 or more), chosen by
+    `seed`. The same on every process. Returns sorted (train, test) positions."""
     train, test = [], []
-    for y in sorted(by_class):
-        members = by_class[y]
-        n_test = int(len(members) * test_fraction + 0.5)
-        if len(members) >= 2:
-            n_test = min(max(n_test, 1), len(members) - 1)
-        else:
-            n_test = 0
-        order = torch.randperm(len(members), generator=g).tolist()
-        test += [members[i] for i in order[:n_test]]
-        train += [members[i] for i in order[n_test:]]
+    for members in shuffled_by_class(labels, seed):
+        n_test = min(max(int(len(members) * test_fraction + 0.5), 1), len(members) - 1)  # 0 for 1 image
+        test += members[:n_test]
+        train += members[n_test:]
     return sorted(train), sorted(test)
 
 
@@ -284,16 +285,9 @@ def stratified_sample(labels: list[int], max_samples: int, seed: int) -> list[in
     if max_samples <= 0 or max_samples >= len(labels):
         return list(range(len(labels)))
     keep_fraction = max_samples / len(labels)
-    g = torch.Generator().manual_seed(seed + 1)
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_class.setdefault(y, []).append(i)
     keep = []
-    for y in sorted(by_class):
-        members = by_class[y]
-        k = max(1, int(len(members) * keep_fraction + 0.5))
-        order = torch.randperm(len(members), generator=g).tolist()
-        keep += [members[i] for i in order[:k]]
+    for members in shuffled_by_class(labels, seed + 1):  # seed + 1: not the split's draw
+        keep += members[:max(1, int(len(members) * keep_fraction + 0.5))]
     return sorted(keep)
 
 

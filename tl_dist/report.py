@@ -19,7 +19,10 @@ torchvision's `make_grid`.
 from __future__ import annotations
 
 import csv
+import functools
 import math
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 from torchvision.utils import make_grid
 
-from tl_dist.metrics import confusion_matrix
+from tl_dist.metrics import class_scores, confusion_matrix
 
 from tl_dist.run_dir import (CONFUSION_CSV, CONFUSION_PNG, FINAL_MODEL, METRICS_FILE, MISTAKES_CSV,  # noqa: F401
                              MISTAKES_PNG, PER_CLASS_CSV, is_disk_full)
@@ -41,6 +44,13 @@ GRID_COLUMNS = 6
 TILE = 176  # px per picture in the grid: 6 tiles make it ~1100 px wide whatever the run's image size
 CAPTION = 46  # px of white band above each picture for its three caption lines
 DPI = 100
+# Class names may be in any script. matplotlib (>= 3.6) draws each character with the first of these families
+# that has it: DejaVu Sans (its default: Latin, Greek, Cyrillic), then Noto Sans CJK (Debian/Ubuntu package
+# fonts-noto-cjk: Chinese, Japanese, Korean). Families that are not installed are left out.
+FONT_FAMILIES = ("DejaVu Sans", "Noto Sans CJK JP")
+FONT_FILES = ("NotoSansCJK-Regular", "NotoSansCJK-Bold")  # found on disk when matplotlib's font list predates them
+WANDB_CONFUSION_PRESET = "wandb/confusion_matrix/v1"  # the chart wandb.plot.confusion_matrix draws
+WANDB_CONFUSION_COLUMNS = ["Actual", "Predicted", "nPredictions"]  # the preset's field names
 
 
 @dataclass
@@ -58,21 +68,19 @@ class Report:
         return int(self.confusion.sum())
 
     def per_class(self) -> list[dict]:
-        """One row per class, in class order. A class's accuracy is its recall (the fraction of its test
-        images classified correctly): Caltech-101's usual figure is the mean of it over the classes.
-        Accuracy, recall and F1 are None for a class without test images."""
-        cm = self.confusion
-        off_diagonal = cm - torch.diag(cm.diag())
+        """One row per class, in class order, from metrics.class_scores. A class's accuracy is its recall
+        (the fraction of its test images classified correctly): Caltech-101's usual figure is the mean of
+        it over the classes. Accuracy, recall and F1 are None for a class without test images."""
+        scores = class_scores(self.confusion)
+        off_diagonal = self.confusion - torch.diag(self.confusion.diag())
         rows = []
         for c, name in enumerate(self.classes):
-            support, predicted, correct = int(cm[c].sum()), int(cm[:, c].sum()), int(cm[c, c])
-            precision = correct / predicted if predicted else 0.0
-            recall = correct / support if support else None
-            f1 = None if recall is None else (2 * precision * recall / (precision + recall)
-                                              if precision + recall > 0 else 0.0)
+            present = bool(scores.present[c])
+            recall = scores.recall[c].item() if present else None
             confused = int(off_diagonal[c].argmax()) if off_diagonal[c].sum() > 0 else None
-            rows.append({"class": name, "support": support, "correct": correct, "accuracy": recall,
-                         "precision": precision, "recall": recall, "f1": f1,
+            rows.append({"class": name, "support": int(scores.support[c]), "correct": int(scores.correct[c]),
+                         "accuracy": recall, "precision": scores.precision[c].item(), "recall": recall,
+                         "f1": scores.f1[c].item() if present else None,
                          "most_confused_with": self.classes[confused] if confused is not None else None,
                          "most_confused_count": int(off_diagonal[c, confused]) if confused is not None else 0})
         return rows
@@ -130,6 +138,7 @@ def write_report(report: Report, folder: Path, test_images, test_files: list[str
                  files["worst mistakes"]))]
     steps.append(("worst mistakes, with files", lambda: write_mistakes_csv(report, test_files, files[
         "worst mistakes, with files"])))
+    _warn_missing_glyphs(report.classes, warn)
     for what, write in steps:
         try:
             write()
@@ -137,6 +146,17 @@ def write_report(report: Report, folder: Path, test_images, test_files: list[str
             if is_disk_full(exc, Path(folder)):
                 raise
             warn(f"warning: could not write the {what} ({files[what]}): {type(exc).__name__}: {exc}")
+
+
+def _warn_missing_glyphs(classes: list[str], warn) -> None:
+    try:
+        missing = missing_glyphs(classes)
+    except Exception as exc:  # noqa: BLE001 - a font problem must not fail a finished run
+        warn(f"warning: could not check the fonts for the class names: {type(exc).__name__}: {exc}")
+        return
+    if missing:
+        warn(f"warning: no installed font has the characters {missing!r} of the class names: the pictures show "
+             f"them as boxes (install a font for them, e.g. Debian's fonts-noto-core or fonts-noto-cjk)")
 
 
 def write_per_class_csv(report: Report, path: Path) -> None:
@@ -190,6 +210,47 @@ def _figure(width_px: int, height_px: int):
     return fig
 
 
+@functools.cache
+def font_families() -> list[str]:
+    """The installed ones of FONT_FAMILIES. matplotlib caches its font list on disk the first time it runs,
+    so a font installed after that is added here from the system's font folders."""
+    from matplotlib import font_manager
+
+    manager = font_manager.fontManager
+    if not set(FONT_FAMILIES) <= {f.name for f in manager.ttflist}:
+        for path in font_manager.findSystemFonts():
+            if Path(path).stem in FONT_FILES:
+                manager.addfont(path)
+    known = {f.name for f in manager.ttflist}
+    return [family for family in FONT_FAMILIES if family in known]
+
+
+def missing_glyphs(texts: list[str]) -> str:
+    """The characters of `texts` that none of font_families() has: they would be drawn as boxes."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    covered: set[int] = set()
+    for family in font_families():
+        path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+        covered |= set(FT2Font(path).get_charmap())
+    return "".join(sorted({ch for text in texts for ch in text if ord(ch) not in covered and ch.isprintable()}))
+
+
+def _with_name_fonts(draw):
+    """Draw with the fallback fonts; matplotlib's warning per missing character is replaced by
+    write_report's one line that names them."""
+    @functools.wraps(draw)
+    def drawing(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"font.family": font_families()}), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            return draw(*args, **kwargs)
+    return drawing
+
+
+@_with_name_fonts
 def draw_confusion_matrix(report: Report, path: Path) -> None:
     """Left: the confusion matrix of the most confused classes, counts in the cells; correct predictions
     in green, confusions in red, both shaded by the share of the true class. Right: the largest confusions
@@ -207,9 +268,9 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
     cell = 30 if n > 15 else 40
     side = max(n * cell, 300)
     names_px, gap_px, bars_px = 190, 300, 400
-    width, height = names_px + side + gap_px + bars_px + 50, side + 260
+    width, height = names_px + side + gap_px + bars_px + 50, side + 280
     fig = _figure(width, height)
-    bottom = 170 / height
+    bottom = 190 / height
     ax = fig.add_axes((names_px / width, bottom, side / width, side / height))
     diagonal = np.eye(n, dtype=bool)
     ax.imshow(np.ma.masked_where(~diagonal, share), cmap=colormaps["Greens"], vmin=0, vmax=1.25)
@@ -219,24 +280,38 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
             if cm[i, j]:
                 ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7 if n > 15 else 9,
                         color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks(range(n), [names[c] for c in shown], rotation=60, ha="right", rotation_mode="anchor",
-                  fontsize=8)
-    ax.set_yticks(range(n), [names[c] for c in shown], fontsize=8)
+    ticks = [_short(names[c], 22) for c in shown]  # 22 columns fit the 190 px margins at 8 pt
+    ax.set_xticks(range(n), ticks, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(n), ticks, fontsize=8)
     ax.set_xticks(np.arange(n + 1) - 0.5, minor=True)
     ax.set_yticks(np.arange(n + 1) - 0.5, minor=True)
     ax.grid(which="minor", color="#dddddd", linewidth=0.5)
     ax.tick_params(which="minor", length=0)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    # Axis labels just beyond the longest tick label (about 5.5 px per column at 8 pt; 60 degrees down).
+    names_extent = 14 + 5.5 * max(_columns(t) for t in ticks)
+    fig.text((names_px + side / 2) / width, max(6, 190 - 14 - 0.87 * names_extent) / height, "predicted class",
+             ha="center", va="top")
+    fig.text(max(6, names_px - names_extent - 4) / width, bottom + side / 2 / height, "true class",
+             rotation=90, ha="right", va="center")
     total = len(names)
     scope = f"the {n} most confused of {total} classes" if n < total else f"all {total} classes"
-    ax.set_title(f"Confusion matrix, test split: {scope}\n(rows = true class; green = correct, red = "
-                 f"confused, shade = share of the true class; every class in {CONFUSION_CSV})", fontsize=10)
+    # Title and legend span the whole figure (at least 1240 px wide), so no class count or name clips them.
+    fig.text(0.5, 1 - 16 / height, f"Confusion matrix, test split: {scope}", ha="center", va="center",
+             fontsize=12)
+    fig.text(0.5, 1 - 38 / height, f"rows = true class; green = correct, red = confused, shade = share of the "
+             f"true class; every class in {CONFUSION_CSV}", ha="center", va="center", fontsize=9.5)
 
+    _draw_confusion_bars(report, fig.add_axes(((names_px + side + gap_px) / width, bottom, bars_px / width,
+                                               side / height)))
+    fig.savefig(path, dpi=DPI)
+
+
+def _draw_confusion_bars(report: Report, bars) -> None:
+    """The largest confusions as horizontal bars, largest on top, named `true → predicted`."""
     pairs = report.confused_pairs()
-    bars = fig.add_axes(((names_px + side + gap_px) / width, bottom, bars_px / width, side / height))
+    names = report.classes
     if pairs:
-        labels = [f"{names[t]} → {names[p]}" for t, p, _ in pairs]
+        labels = [f"{_short(names[t], 18)} → {_short(names[p], 18)}" for t, p, _ in pairs]  # fit the gap
         counts = [c for _, _, c in pairs]
         y = np.arange(len(pairs))
         bars.barh(y, counts, color="#d62728")
@@ -252,13 +327,30 @@ def draw_confusion_matrix(report: Report, path: Path) -> None:
                   va="center", fontsize=11, transform=bars.transAxes)
     bars.set_title(f"Largest confusions (true → predicted)\n{report.num_wrong} of {report.num_samples} "
                    f"test images wrong", fontsize=10)
-    fig.savefig(path, dpi=DPI)
+
+
+def _column_widths(name: str) -> list[int]:
+    """Display columns per character: a wide (CJK) character takes two."""
+    return [2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in name]
+
+
+def _columns(name: str) -> int:
+    return sum(_column_widths(name))
 
 
 def _short(name: str, limit: int = 22) -> str:
-    return name if len(name) <= limit else name[:limit - 1] + "…"
+    """`name` cut to `limit` columns, ending in an ellipsis when cut."""
+    columns = _column_widths(name)
+    if sum(columns) <= limit:
+        return name
+    cut, used = 0, 0
+    while used + columns[cut] <= limit - 1:  # - 1: room for the ellipsis
+        used += columns[cut]
+        cut += 1
+    return name[:cut] + "…"
 
 
+@_with_name_fonts
 def draw_mistakes(report: Report, images: torch.Tensor | None, path: Path) -> None:
     """The most confident wrong predictions as one grid (torchvision's make_grid), each picture under a
     white band with its caption: predicted class, true class, confidence."""
@@ -296,8 +388,18 @@ def draw_mistakes(report: Report, images: torch.Tensor | None, path: Path) -> No
 # ---------------------------------------------------------------- W&B
 
 
+def wandb_confusion_rows(report: Report) -> list[list]:
+    """[true class, predicted class, count] for each non-zero cell of the confusion matrix, which counts
+    every test image. wandb.plot.confusion_matrix writes all C x C cells instead, so from 101 classes on
+    it passes wandb.Table's 10,000-row limit and W&B silently drops the last rows (and their images).
+    Non-zero cells are at most one per test image, so this stays exact below 10,000 test images."""
+    names = report.classes
+    return [[names[t], names[p], int(report.confusion[t, p])] for t, p in report.confusion.nonzero().tolist()]
+
+
 def log_report(tracker, report: Report, run_dir: Path, prefix: str, step: int) -> None:
-    """The per-class table, W&B's own interactive confusion matrix, and the two pictures, under prefix/."""
+    """The per-class table, W&B's interactive confusion matrix (its own preset, fed the non-zero cells),
+    and the two pictures, under prefix/."""
     if not (tracker.enabled and tracker.accelerator.is_main_process):
         return
     import wandb
@@ -305,14 +407,11 @@ def log_report(tracker, report: Report, run_dir: Path, prefix: str, step: int) -
     files = {what: path for what, path in report_files(run_dir).items() if path.is_file()}
     columns = ["class", "support", "accuracy", "precision", "recall", "f1", "most_confused_with"]
     table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in report.per_class()])
-    y_true, preds = [], []
-    for t, row in enumerate(report.confusion.tolist()):  # W&B's plot wants one (label, pred) per image
-        for p, count in enumerate(row):
-            y_true += [t] * count
-            preds += [p] * count
+    cells = wandb.Table(columns=WANDB_CONFUSION_COLUMNS, data=wandb_confusion_rows(report))
     values = {f"{prefix}/per_class": table,
-              f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
-                  y_true=y_true, preds=preds, class_names=report.classes, title="Confusion matrix (test)")}
+              f"{prefix}/confusion_matrix": wandb.plot_table(
+                  WANDB_CONFUSION_PRESET, cells, fields={c: c for c in WANDB_CONFUSION_COLUMNS},
+                  string_fields={"title": "Confusion matrix (test)"})}
     for key, what in (("confusion_matrix_top", "confusion matrix"), ("mistakes", "worst mistakes")):
         if what in files:
             values[f"{prefix}/{key}"] = wandb.Image(str(files[what]))

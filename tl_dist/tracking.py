@@ -4,6 +4,10 @@ wandb is imported only when a run logs to it, so `--wandb-mode disabled` needs n
 One run id per training run, kept in `<run_dir>/wandb_run_id`: a resumed or requeued run continues the
 same W&B run. `<run_dir>/wandb_last_step` records the last step handed to W&B (written before the step is
 logged), so that steps redone after a crash are not logged a second time.
+
+Where the run goes follows W&B's conventions: each of project, entity, run name, group and tags comes from
+its flag when given, else from W&B's environment variable (WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME,
+WANDB_RUN_GROUP, WANDB_TAGS), else from our default.
 """
 
 from __future__ import annotations
@@ -13,10 +17,38 @@ import os
 import secrets
 import string
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from tl_dist.run_dir import write_text
+
+
+DEFAULT_PROJECT = "transfer_learn_pytorch"
+
+
+@dataclass(frozen=True)
+class WandbRun:
+    """Where a W&B run is logged and under what name."""
+
+    project: str
+    name: str
+    entity: str | None = None  # None: the user's default entity
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+def wandb_run(cfg, default_name: str) -> WandbRun:
+    """flag > W&B's environment variable > our default, for each setting (an empty one counts as not set).
+    WANDB_TAGS is comma-separated, as W&B reads it."""
+    def pick(flag: str | None, env: str) -> str | None:
+        return (flag or os.environ.get(env) or "").strip() or None
+
+    tags = pick(cfg.wandb_tags, "WANDB_TAGS")
+    return WandbRun(project=pick(cfg.wandb_project, "WANDB_PROJECT") or DEFAULT_PROJECT,
+                    name=pick(cfg.wandb_run_name, "WANDB_NAME") or default_name,
+                    entity=pick(cfg.wandb_entity, "WANDB_ENTITY"), group=pick(cfg.wandb_group, "WANDB_RUN_GROUP"),
+                    tags=tuple(t.strip() for t in (tags or "").split(",") if t.strip()))
 
 
 def has_wandb_credentials() -> bool:
@@ -53,7 +85,7 @@ class Tracker:
         self.wandb_dir: Path | None = None
         self.broken = False  # W&B's service went away (Slurm's SIGTERM reaches it too): train on without it
 
-    def start(self, project: str, run_name: str, config: dict) -> None:
+    def start(self, where: WandbRun, config: dict) -> None:
         if not self.enabled:
             return
         id_file = self.run_dir.wandb_id
@@ -67,10 +99,11 @@ class Tracker:
             last = self.run_dir.wandb_step
             self.skip_until = int(last.read_text()) if last.is_file() else -1
         self.wandb_dir = Path(os.environ.get("WANDB_DIR") or self.run_dir.path)
-        init = {"id": self.run_id, "resume": "allow", "name": run_name, "mode": self.mode,
-                "dir": str(self.wandb_dir)}
+        init = {"id": self.run_id, "resume": "allow", "name": where.name, "mode": self.mode,
+                "dir": str(self.wandb_dir), "entity": where.entity, "group": where.group,
+                "tags": list(where.tags) or None}
         # Accelerate creates the W&B run on the main process only.
-        self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": init})
+        self.accelerator.init_trackers(where.project, config=config, init_kwargs={"wandb": init})
 
     def log(self, values: dict, step: int) -> None:
         """Log `values` at `step`, unless this run already logged that step before a crash."""
@@ -93,6 +126,23 @@ class Tracker:
         pictures = [wandb.Image(img.permute(1, 2, 0).cpu().numpy(), caption=cap)
                     for img, cap in zip(images, captions)]
         self.log({key: pictures}, step)
+
+    def log_model(self, model_dir: Path, test_metrics: dict) -> None:
+        """The final model folder as a W&B artifact of type `model`, named `model-<run id>` (as Lightning's
+        WandbLogger names it), aliases `latest` and `final`; its metadata holds the scalar test metrics."""
+        if not (self.enabled and self.accelerator.is_main_process) or self.broken:
+            return
+        import wandb
+
+        scalars = {k: v for k, v in test_metrics.items() if isinstance(v, (int, float))}
+        artifact = wandb.Artifact(f"model-{self.run_id}", type="model", metadata={"test": scalars},
+                                  description=f"the final model of {self.run_dir.path.name}")
+        artifact.add_dir(str(model_dir))
+        try:
+            self.accelerator.get_tracker("wandb", unwrap=True).log_artifact(artifact, aliases=["latest", "final"])
+        except Exception as exc:  # the model is saved in the run folder; W&B's copy is the extra
+            print(f"warning: W&B could not log the model ({exc!r}); it is in {model_dir}", file=sys.stderr,
+                  flush=True)
 
     def finish(self) -> None:
         """End the W&B run on the main process, then let all processes go on together: torchrun stops

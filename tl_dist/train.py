@@ -45,7 +45,7 @@ from tl_dist.model import WeightsError, build_model, trainable_parameters  # noq
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
 from tl_dist.resume import ResumePlan, plan_resume, run_dir_of, with_saved_options  # noqa: E402
 from tl_dist.run_dir import RunDir, RunDirError, is_disk_full, read_json, write_json, write_text  # noqa: E402
-from tl_dist.tracking import Tracker, resolve_mode  # noqa: E402
+from tl_dist.tracking import Tracker, resolve_mode, wandb_run  # noqa: E402
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed on a signal or STOP file; run again with --resume auto
 USER_ERRORS = (DataError, WeightsError, CheckpointError, RunDirError)
@@ -424,7 +424,7 @@ class FineTune:
             "mixed_precision_resolved": accelerator.mixed_precision, "feature_cache": self.feature_cache,
             "steps_per_epoch": self.sampler.steps_per_epoch, "output_dir_resolved": str(self.run_dir),
             "cpu_threads": torch.get_num_threads()}
-        self.tracker.start(cfg.wandb_project, cfg.wandb_run_name or self.run_dir.path.name, self.run_config)
+        self.tracker.start(wandb_run(cfg, default_name=self.run_dir.path.name), self.run_config)
         if accelerator.is_main_process:
             write_json(self.run_dir.config, self.run_config)
         self.console.print(
@@ -483,6 +483,8 @@ class FineTune:
             write_report(report, self.run_dir.path, self.test_images, self._test_files(), self.console.warn)
         self.accelerator.wait_for_everyone()
         log_report(self.tracker, report, self.run_dir.path, "finetuned", step=self.state.global_step)
+        if self.cfg.wandb_log_model:
+            self.tracker.log_model(self.run_dir.final_model, test_metrics)
         self.tracker.finish()
         print_summary(self.console, report, self.state.baseline, test_metrics, self.run_dir.path)
 
