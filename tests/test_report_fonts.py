@@ -127,7 +127,7 @@ def test_characters_no_font_has_get_one_warning_line(tmp_path, capsys):
     lines = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rpt.write_report(report, tmp_path, test_images=None, warn=lines.append)
+        rpt.write_report(report, tmp_path, test_images=None, test_files=[], warn=lines.append)
     assert [w for w in caught if "Glyph" in str(w.message)] == []
     assert len(lines) == 1 and "𓀀𓀁𓃰" in lines[0] and "no installed font" in lines[0], lines
     assert (tmp_path / rpt.CONFUSION_PNG).is_file() and (tmp_path / rpt.MISTAKES_PNG).is_file()
