@@ -300,7 +300,8 @@ def test_cosine_schedule_decays_the_lr_to_zero_over_all_steps(one_proc):
     lrs = logged(cosine, "train/lr")
     assert sorted(lrs) == list(range(1, ONE_PROC_STEPS + 1))  # over both epochs, not restarted per epoch
     for step, lr in lrs.items():  # logged after the step's update: the lr of the next step
-        assert lr == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * step / ONE_PROC_STEPS)), abs=1e-6), step
+        expected = LR * 0.5 * (1 + math.cos(math.pi * step / ONE_PROC_STEPS))
+        assert lr == pytest.approx(expected, rel=1e-6, abs=1e-12), step
     assert lrs[ONE_PROC_STEPS] < 1e-12
     assert lrs[ONE_PROC_STEPS // 2] == pytest.approx(LR / 2)
     assert set(logged(reference, "train/lr").values()) == {LR}
