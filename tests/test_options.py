@@ -225,8 +225,9 @@ def run_until_stopped(command: list[str], out: Path, timeout: float = 600) -> tu
             (out / STOP_FILE).touch()
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # the test failed: leave no process behind
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                signal_if_alive(pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, log.read_text(errors="replace")
 
@@ -255,7 +256,8 @@ def assert_stopped_with_a_checkpoint(out: Path, output: str, steps_per_epoch: in
 
 
 def test_stop_file_exits_75(data, tmp_path):
-    """`python -m tl_dist.train`, one process: the exit code is the run's own."""
+    """`python -m tl_dist.train`, one process (the 2-process runs' options: 20 steps an epoch): the exit
+    code is the run's own."""
     out = tmp_path / "stopped"
     command = [sys.executable, "-m", "tl_dist.train", *tiny_args(data, out, tmp_path / "cache", *TWO_PROCS)]
     code, output = run_until_stopped(command, out)
