@@ -122,7 +122,7 @@ def test_finished_run_resumes_as_done_and_evaluates_the_same(inprocess_run, samp
     assert len(before) > 3 + 3  # the model's weights, classes, config and train state among them
     proc = run_module(["--resume", "auto", "--output-dir", str(inprocess_run), "--data-dir", str(sample_dir),
                        "--wandb-mode", "disabled"])
-    assert proc.returncode == 0 and "already finished" in proc.stdout
+    assert proc.returncode == 0 and "is finished (2 epochs" in proc.stdout
     assert file_hashes(inprocess_run) == before  # byte for byte: nothing was trained, saved or rewritten
 
 
