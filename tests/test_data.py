@@ -99,7 +99,7 @@ def test_image_cache_is_keyed_by_files_and_size(image_tree, tmp_path):
     index = index_images(image_tree)
     cache = ImageCache(tmp_path, index, 16)
     assert not cache.complete()
-    tmp = cache.create_tmp("t")
+    tmp = cache.create_tmp()
     bad = cache.fill(tmp, range(len(index)), threads=2)
     cache.publish(tmp, bad)
     assert cache.complete() and cache.bad_files() == {}

@@ -35,8 +35,9 @@ from tl_dist.checkpoint import (FINAL_MODEL, CheckpointError, TrainState, check_
 from tl_dist.config import DEFAULT_DATA_DIR, Config, build_parser, parse_args  # noqa: E402
 from tl_dist.console import RunConsole  # noqa: E402
 from tl_dist.data import (CachedImages, DataError, FeatureRows, ImageCache, ImageIndex,  # noqa: E402
-                          ShardedBatchSampler, download_caltech101, find_image_root, index_images,
-                          keep_decodable, make_loader, stratified_sample, stratified_split)
+                          Interrupted, ShardedBatchSampler, download_caltech101, find_image_root,
+                          index_images, keep_decodable, make_loader, stop_on_signals, stratified_sample,
+                          stratified_split, warn_untested_classes)
 from tl_dist.engine import Batches, StopRequest, evaluate, extract_features, fit  # noqa: E402
 from tl_dist.model import WeightsError, build_model, trainable_parameters  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
@@ -163,18 +164,19 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
     if cache_dir == data_dir or data_dir in cache_dir.parents:
         raise DataError(f"--cache-dir {cfg.cache_dir} is inside --data-dir; choose a folder outside it.")
     cache = ImageCache(cache_dir, index, cfg.image_size)
-    tmp = None
-    if accelerator.is_main_process and not cache.complete():
-        tmp = cache.create_tmp(f"{os.getpid()}-{time.time_ns()}")
-    tmp = broadcast_object_list([tmp])[0]
-    if tmp is not None:
-        console.print(f"decoding {len(index)} images once into {cache.array_path} ...")
-        rows = range(accelerator.process_index, len(index), accelerator.num_processes)
-        bad = cache.fill(tmp, rows, threads)
-        merged = {row: why for part in gather_object([bad]) for row, why in part.items()}
-        if accelerator.is_main_process:
-            cache.publish(tmp, merged)
-        accelerator.wait_for_everyone()
+    # Ctrl-C or SIGTERM: the main process removes the temp file it created, then main() exits 75.
+    with stop_on_signals("decoding images"), cache.building(accelerator.is_main_process, console.print) as tmp:
+        tmp = broadcast_object_list([tmp])[0]
+        if tmp is not None:
+            console.print(f"decoding {len(index)} images once into {cache.array_path} ...")
+            rows = range(accelerator.process_index, len(index), accelerator.num_processes)
+            # The main process shows its own shard's progress scaled to all images (shards differ by <= 1).
+            with console.phase("decoding", len(index)) as progress:
+                bad = cache.fill(tmp, rows, threads, lambda done: progress.update(done * len(index) // len(rows)))
+            merged = {row: why for part in gather_object([bad]) for row, why in part.items()}
+            if accelerator.is_main_process:
+                cache.publish(tmp, merged)
+            accelerator.wait_for_everyone()
     return cache.array_path, cache.bad_files()
 
 
@@ -202,6 +204,7 @@ def prepare_split(cfg: Config, accelerator: Accelerator, console: RunConsole, ru
         index, good = keep_decodable(index, bad, console.warn)
         train_pos, test_pos = stratified_split([index.labels[i] for i in good], cfg.test_fraction, cfg.seed)
         train_rows, test_rows = [good[p] for p in train_pos], [good[p] for p in test_pos]
+        warn_untested_classes(index.classes, [index.labels[r] for r in test_rows], console.warn)
     elif any(index.files[r] in bad for r in train_rows + test_rows):
         raise DataError(f"files of this run's split.json can no longer be decoded (listed above); "
                         f"restore them in --data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
@@ -227,10 +230,11 @@ def build_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, mo
     train_eval_loader = accelerator.prepare(make_loader(train_images, batch_size=cfg.batch_size,
                                                         num_workers=workers, pin_memory=on_gpu))
     tic = time.perf_counter()
-    train_features = extract_features(accelerator, model, Batches(train_eval_loader, False, cfg.channels_last),
-                                      len(train_images))
-    test_features = extract_features(accelerator, model, Batches(test_loader, False, cfg.channels_last),
-                                     len(test_images))
+    with stop_on_signals("computing backbone features"):  # nothing to save yet: main() exits 75
+        train_features = extract_features(accelerator, model, Batches(train_eval_loader, False, cfg.channels_last),
+                                          len(train_images), console, "features (train split)")
+        test_features = extract_features(accelerator, model, Batches(test_loader, False, cfg.channels_last),
+                                         len(test_images), console, "features (test split)")
     seconds = time.perf_counter() - tic
     count = len(train_images) + len(test_images)
     stats = {"seconds": seconds, "images_per_second": count / seconds}
@@ -256,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         console.error(str(exc))
         return 1
+    except Interrupted as exc:  # in a phase with nothing to checkpoint: what it wrote is removed
+        resume = " with --resume auto" if cfg.output_dir and cfg.resume is None else ""
+        console.print(f"stopped by {exc}; no partial file is left. To continue, run the same command{resume} again.")
+        return EXIT_STOPPED
     finally:
         console.stop_progress()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -346,7 +354,7 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
 
     # ---- evaluate before fine-tuning (the pretrained backbone with its new head)
     if state.baseline is None:
-        state.baseline, outputs = evaluate(accelerator, model, test_batches, classes)
+        state.baseline, outputs = evaluate(accelerator, model, test_batches, classes, console)
         log_evaluation(tracker, "baseline", state.baseline, outputs, test_images, classes, step=0)
         console.print(f"baseline: test loss {state.baseline['loss']:.4f}, accuracy {state.baseline['accuracy']:.2%}")
 
@@ -366,7 +374,7 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
         return 1
 
     # ---- evaluate after fine-tuning, save, report
-    test_metrics, outputs = evaluate(accelerator, model, test_batches, classes)
+    test_metrics, outputs = evaluate(accelerator, model, test_batches, classes, console)
     log_evaluation(tracker, "finetuned", test_metrics, outputs, test_images, classes, step=state.global_step)
     report = build_report(outputs, classes)  # from the gathered outputs: the same on every process
     test_metrics["per_class"] = report.per_class()
@@ -405,7 +413,7 @@ def log_evaluation(tracker: Tracker, prefix: str, metrics: dict, outputs: dict, 
 
 
 def run_eval_only(cfg, accelerator, console, model, test_batches, test_images, classes, run_dir, ckpt) -> int:
-    test_metrics, outputs = evaluate(accelerator, model, test_batches, classes)
+    test_metrics, outputs = evaluate(accelerator, model, test_batches, classes, console)
     report = build_report(outputs, classes)
     test_metrics["per_class"] = report.per_class()
     baseline = None
