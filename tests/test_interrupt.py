@@ -140,6 +140,8 @@ def test_stale_temp_files_rules(image_tree, tmp_path):
              "other host, recent": f"{stem}.tmp-node-7-{dead.pid}.npy",
              "other host, a day old": f"{stem}.tmp-node-8-{dead.pid}.npy",
              "another cache, dead writer": f".images-0123abcd-224px.tmp-{host}-{dead.pid}.npy",
+             "older naming, dead writer": f"{stem}.{dead.pid}-1764300000000000000.npy",
+             "older naming, live writer": f"{stem}.{os.getpid()}-1764300000000000000.npy",
              "not ours": f".notes.tmp-{host}-{dead.pid}.npy"}
     for name in names.values():
         (tmp_path / name).write_bytes(b"x")
@@ -147,5 +149,28 @@ def test_stale_temp_files_rules(image_tree, tmp_path):
     os.utime(tmp_path / names["other host, a day old"], (day_ago, day_ago))
     removed = {p.name for p in cache.remove_stale_tmp()}
     assert removed == {names[k] for k in ("dead writer", "dead writer's metadata", "other host, a day old",
-                                          "another cache, dead writer")}
+                                          "another cache, dead writer", "older naming, dead writer")}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names.values()) - removed)
+
+
+def test_sigterm_to_every_process_of_a_two_process_decode(slow_tree, tmp_path):
+    """As Slurm's scancel or a preemption does: SIGTERM to the launcher and both training processes in the
+    middle of the decode. Rank zero removes the temp file it created (rank one only wrote into it), and
+    only rank zero prints the one line."""
+    from test_resume import descendants, launch_command
+
+    log = tmp_path / "log.txt"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(launch_command(slow_args(slow_tree, tmp_path), 2), cwd=REPO, env=run_env(),
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: "decoding 0/60" in log.read_text(), proc, log)  # both processes are decoding
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=120)
+    output = log.read_text()
+    assert output.count("stopped by SIGTERM while decoding images") == 1, output[-3000:]
+    assert "decoding 60/60" not in output
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -139,7 +139,9 @@ class RunConsole:
             yield QuietPhase()
             return
         if not self.live:
-            phase = PlainPhase(self.print, description, total, unit)
+            # One line each, never wrapped (a log is read by tools too), never parsed as markup.
+            phase = PlainPhase(lambda line: self.print(line, soft_wrap=True, markup=False), description, total,
+                               unit)
             yield phase
             phase.finish()
             return

@@ -265,6 +265,8 @@ class ImageCache:
 
     STALE_TMP_SECONDS = 24 * 3600  # a live writer modifies its temp file with every decoded image
     TMP_NAME = re.compile(r"^\.images-.+\.tmp-(?P<host>.+)-(?P<pid>\d+)\.(npy|json)$")
+    # Before the host was in the name: `.images-<key>-<S>px.<pid>-<time_ns>.npy`, taken as this host's.
+    OLD_TMP_NAME = re.compile(r"^\.images-.+px\.(?P<pid>\d+)-\d+\.npy$")
 
     def __init__(self, cache_dir: str | Path, index: ImageIndex, image_size: int):
         digest = hashlib.sha256(f"v{CACHE_VERSION} {index.root.resolve()} {image_size}\n".encode())
@@ -311,9 +313,12 @@ class ImageCache:
 
     def remove_stale_tmp(self) -> list[Path]:
         removed = []
-        for path in sorted(self.dir.glob(".images-*.tmp-*")) if self.dir.is_dir() else []:
-            match = self.TMP_NAME.match(path.name)
-            if match and self._stale(path, match["host"], int(match["pid"])):
+        for path in sorted(self.dir.glob(".images-*")) if self.dir.is_dir() else []:
+            match = self.TMP_NAME.match(path.name) or self.OLD_TMP_NAME.match(path.name)
+            if match is None:  # the cache itself, or not ours
+                continue
+            host = match.groupdict().get("host") or socket.gethostname()
+            if self._stale(path, host, int(match["pid"])):
                 path.unlink(missing_ok=True)
                 removed.append(path)
         return removed
