@@ -4,6 +4,7 @@ the run ends with one `error:` line naming each source's network failure, leavin
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 from conftest import REPO, run_env
@@ -14,8 +15,6 @@ CLOSED_PROXY = "http://127.0.0.1:9"
 
 
 def test_real_clients_reach_the_network_and_fail_with_one_line(tmp_path):
-    import subprocess
-
     home = tmp_path / "home"
     home.mkdir()
     env = run_env({"HOME": str(home), "KAGGLEHUB_CACHE": str(home / "kagglehub"),
