@@ -227,10 +227,6 @@ def _image_too_small_for_vgg16(tmp: Path) -> list[str]:
     return ["--model", "vgg16", "--image-size", "31"]
 
 
-def _image_too_small_for_vgg_tiny(tmp: Path) -> list[str]:
-    return ["--image-size", "3"]
-
-
 def _data_dir_is_a_file(tmp: Path) -> list[str]:
     (tmp / "caltech-101.zip").write_bytes(b"PK\x03\x04 an archive, not unpacked")
     return ["--data-dir", str(tmp / "caltech-101.zip")]
@@ -253,8 +249,6 @@ ERROR_CASES = {
     "too many workers": (_too_many_workers, f"--num-workers: 1000 is more than the {usable_cores()} CPU core",
                          False, 2),
     "image too small for vgg16": (_image_too_small_for_vgg16, "vgg16 needs images of at least 32 x 32", False, 2),
-    "image too small for vgg_tiny": (_image_too_small_for_vgg_tiny, "vgg_tiny needs images of at least 4 x 4",
-                                     False, 2),
     "data dir is a file": (_data_dir_is_a_file, "caltech-101.zip is a file, not a folder", False, 2),
     "output dir is a file": (_output_dir_is_a_file, "run is a file, not a folder", False, 2),
 }
