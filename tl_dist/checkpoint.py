@@ -57,6 +57,7 @@ class TrainState:
     train_seconds: float = 0.0  # time spent in training steps, over all sessions of the run
     skipped_steps: int = 0  # fp16 steps skipped by the grad scaler
     baseline: dict | None = None  # test metrics before fine-tuning
+    val_history: list[dict] = field(default_factory=list)  # validation metrics after each epoch
     finished: bool = False
 
     def save(self, folder: Path) -> None:

@@ -29,6 +29,9 @@ class Config:
     output_dir: str | None = _opt("everything the run writes (default: runs/<date-time>)", "Data")
     image_size: int = _opt("images are resized to SIZE x SIZE", "Data", 224, positive=True)
     test_fraction: float = _opt("per-class fraction of images held out for testing", "Data", 0.2)
+    val_fraction: float = _opt("per-class fraction of the training split held out for validation (0 = none, the "
+                               "article's recipe): val/loss, val/accuracy, val/top5_accuracy after every epoch",
+                               "Data", 0.0)
     max_samples: int = _opt("use about N images, each class keeping its share and at least one (0 = all); "
                             "for quick debug runs",
                             "Data", 0, nonnegative=True)
@@ -115,12 +118,12 @@ class Config:
 # What defines a run: a resume must not change these (one line per difference), and a run's config.json
 # gives them back. --batch-size is checked as the global batch, so that a run can resume on another number
 # of processes (rule in run_dir.py / README "Resuming").
-RUN_DEFINING = ("model", "weights", "freeze", "dropout", "image_size", "seed", "test_fraction", "max_samples",
-                "lr", "momentum", "scale_lr", "lr_schedule")
+RUN_DEFINING = ("model", "weights", "freeze", "dropout", "image_size", "seed", "test_fraction", "val_fraction",
+                "max_samples", "lr", "momentum", "scale_lr", "lr_schedule")
 # What a run writes into its config.json besides its options; ignored when such a file is read back.
-DERIVED = ("num_processes", "global_batch_size", "effective_lr", "num_classes", "train_samples", "test_samples",
-           "device", "mixed_precision_resolved", "feature_cache", "steps_per_epoch", "output_dir_resolved",
-           "cpu_threads", "gradient_accumulation_resolved")
+DERIVED = ("num_processes", "global_batch_size", "effective_lr", "num_classes", "train_samples", "val_samples",
+           "test_samples", "device", "mixed_precision_resolved", "feature_cache", "steps_per_epoch",
+           "output_dir_resolved", "cpu_threads", "gradient_accumulation_resolved")
 NOT_FROM_FILES = ("resume", "eval_only", "config")  # what to do with a run, not what the run is
 
 
@@ -208,6 +211,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
             parser.error(f"argument {_flag(f.name)}: must be 0 or more, got {value}")
     if not 0.0 < cfg.test_fraction < 1.0:
         parser.error(f"argument --test-fraction: must be between 0 and 1, got {cfg.test_fraction}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        parser.error(f"argument --val-fraction: must be 0 or more and below 1, got {cfg.val_fraction}")
     if not 0 < cfg.lr < 3e38:  # 3e38: the largest float32, which the optimizer computes in
         parser.error(f"argument --lr: must be positive and below 3e38, got {cfg.lr}")
     if not 0.0 <= cfg.momentum < 1.0:

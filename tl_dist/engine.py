@@ -227,9 +227,10 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Batches, micro
 
 
 def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: TrainState, settings: LoopSettings,
-        save_checkpoint: Callable[[], None], stop: StopRequest, log: "TrainLog") -> Outcome:
+        save_checkpoint: Callable[[], None], stop: StopRequest, log: "TrainLog",
+        validate: Callable[[TrainState], None] | None = None) -> Outcome:
     """Train from `state` to the end of the run (--epochs, or --max-steps), saving checkpoints through
-    `save_checkpoint` when they are due or a stop is requested."""
+    `save_checkpoint` when they are due or a stop is requested, and calling `validate` after each epoch."""
     sampler = batches.loader.batch_sampler
     total_steps = settings.total_steps(sampler.steps_per_epoch)
     skipped = SkippedSteps(settings.max_skipped_steps)
@@ -252,6 +253,9 @@ def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: Train
             end_of_epoch, last = state.step_in_epoch == sampler.steps_per_epoch, state.global_step >= total_steps
             if end_of_epoch or last:
                 log.end_epoch(state)
+                if validate is not None:
+                    validate(state)
+                    model.train()
             if stop.requested():
                 accelerator.set_trigger()
             if accelerator.check_trigger():  # any process asked: all stop here, after the same step

@@ -124,13 +124,15 @@ def fused_sgd_available(device: torch.device) -> bool:
 
 
 def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_dir: RunDir) -> tuple:
-    """The image index and the split: from the run's split.json when it has one (resume, --eval-only),
-    else indexed from --data-dir (downloaded first when it is the default and missing)."""
+    """The image index and the split (train, validation and test rows): from the run's split.json when it
+    has one (resume, --eval-only), else indexed from --data-dir (downloaded first when it is the default and
+    missing) with the split still to be drawn (None)."""
     data_dir = Path(cfg.data_dir)
     if run_dir.split.is_file():
         split = read_json(run_dir.split)
         root = find_image_root(data_dir) if data_dir.is_dir() else data_dir
-        files = split["train"] + split["test"]
+        parts = [split["train"], split.get("val", []), split["test"]]
+        files = [f for part in parts for f in part]
         missing = [f for f in files if not (root / f).is_file()]
         if missing:
             raise DataError(f"{len(missing)} file(s) of this run's split are not in --data-dir "
@@ -138,8 +140,8 @@ def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_d
         classes = split["classes"]
         labels = [classes.index(f.split("/", 1)[0]) for f in files]
         index = ImageIndex(root, files, labels, classes)
-        n_train = len(split["train"])
-        return index, list(range(n_train)), list(range(n_train, len(files)))
+        bounds = [0, len(parts[0]), len(parts[0]) + len(parts[1]), len(files)]
+        return index, [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
     if cfg.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
         with accelerator.local_main_process_first():  # one download per node; the others wait, then see it
             if not data_dir.exists():
@@ -149,7 +151,7 @@ def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_d
     index = index_images(data_dir, warn=console.warn)
     if cfg.max_samples:
         index = index.subset(stratified_sample(index.labels, cfg.max_samples, cfg.seed))
-    return index, None, None
+    return index, None
 
 
 def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole, index: ImageIndex,
@@ -185,6 +187,7 @@ class PreparedData:
     array_path: Path  # the decoded-image cache, one row per index file
     bad: dict[str, str]  # files that could not be decoded, and why
     train_rows: list[int]
+    val_rows: list[int]  # empty without --val-fraction
     test_rows: list[int]
 
     def images(self, rows: list[int]) -> CachedImages:
@@ -195,21 +198,31 @@ def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run
                  threads: int) -> PreparedData:
     """Index (or read the run's split), decode every image once into the cache (the verify pass), and
     split the files that decoded."""
-    index, train_rows, test_rows = load_index(cfg, accelerator, console, run_dir)
+    index, rows = load_index(cfg, accelerator, console, run_dir)
     array_path, bad = build_image_cache(cfg, accelerator, console, index, threads)
     if bad:
         console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
                      f"{run_dir.skipped}): " + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
                      + (" ..." if len(bad) > 10 else ""))
-    if train_rows is None:  # a new split, over the files that decoded
+    if rows is None:  # a new split, over the files that decoded
         index, good = keep_decodable(index, bad, console.warn)
-        train_pos, test_pos = stratified_split([index.labels[i] for i in good], cfg.test_fraction, cfg.seed)
-        train_rows, test_rows = [good[p] for p in train_pos], [good[p] for p in test_pos]
-        warn_untested_classes(index.classes, [index.labels[r] for r in test_rows], console.warn)
-    elif any(index.files[r] in bad for r in train_rows + test_rows):
+        rows = split_rows(cfg, index, good)
+        warn_untested_classes(index.classes, [index.labels[r] for r in rows[2]], console.warn)
+    elif any(index.files[r] in bad for part in rows for r in part):
         raise DataError(f"files of this run's split can no longer be decoded (listed above); restore them in "
                         f"--data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
-    return PreparedData(index, array_path, bad, train_rows, test_rows)
+    return PreparedData(index, array_path, bad, *rows)
+
+
+def split_rows(cfg: Config, index: ImageIndex, rows: list[int]) -> list[list[int]]:
+    """Train, validation and test rows: the test split per class from all rows, then the validation split
+    per class from what is left (another draw of the same seed's generator family)."""
+    train_pos, test_pos = stratified_split([index.labels[r] for r in rows], cfg.test_fraction, cfg.seed)
+    train, test = [rows[p] for p in train_pos], [rows[p] for p in test_pos]
+    if not cfg.val_fraction:
+        return [train, [], test]
+    keep_pos, val_pos = stratified_split([index.labels[r] for r in train], cfg.val_fraction, cfg.seed + 2)
+    return [[train[p] for p in keep_pos], [train[p] for p in val_pos], test]
 
 
 def image_batches(cfg: Config, accelerator: Accelerator, images: CachedImages, sampler=None) -> Batches:
@@ -381,10 +394,12 @@ class FineTune:
         if self.accelerator.is_main_process:
             run_dir.record_owner()
             if not run_dir.split.is_file():
-                write_json(run_dir.split, {
-                    "classes": data.index.classes, "seed": self.cfg.seed, "test_fraction": self.cfg.test_fraction,
-                    "train": [data.index.files[r] for r in data.train_rows],
-                    "test": [data.index.files[r] for r in data.test_rows]})
+                files = lambda rows: [data.index.files[r] for r in rows]  # noqa: E731
+                split = {"classes": data.index.classes, "seed": self.cfg.seed, "test_fraction": self.cfg.test_fraction,
+                         "train": files(data.train_rows), "test": files(data.test_rows)}
+                if data.val_rows:
+                    split.update(val_fraction=self.cfg.val_fraction, val=files(data.val_rows))
+                write_json(run_dir.split, split)
             if data.bad:
                 write_text(run_dir.skipped, "".join(f"{f}\t{why}\n" for f, why in data.bad.items()))
         self.accelerator.wait_for_everyone()
@@ -404,18 +419,23 @@ class FineTune:
         """Training and test batches: cached images, or (frozen backbone) its features, computed once."""
         cfg, accelerator, data = self.cfg, self.accelerator, self.data
         self.train_images, self.test_images = data.images(data.train_rows), data.images(data.test_rows)
+        val_images = data.images(data.val_rows) if data.val_rows else None
         self.feature_cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features")
-        self.feature_seconds = None
+        self.feature_seconds, self.val_batches = None, None
         if not self.feature_cache:
             self.train_batches = image_batches(cfg, accelerator, self.train_images, self.sampler)
             self.test_batches = image_batches(cfg, accelerator, self.test_images)
+            self.val_batches = val_images and image_batches(cfg, accelerator, val_images)
             return
         self.train_batches, train_s = feature_batches(cfg, accelerator, self.console, self.model,
                                                       self.train_images, "train", self.sampler)
         self.test_batches, test_s = feature_batches(cfg, accelerator, self.console, self.model, self.test_images,
                                                     "test")
         self.feature_seconds = train_s + test_s
-        count = len(self.train_images) + len(self.test_images)
+        if val_images:
+            self.val_batches, val_s = feature_batches(cfg, accelerator, self.console, self.model, val_images, "val")
+            self.feature_seconds += val_s
+        count = len(self.train_images) + len(self.test_images) + len(val_images or [])
         self.console.print(f"backbone features of {count} images in {self.feature_seconds:.1f} s "
                            f"({count / self.feature_seconds:,.0f} images/s)")
 
@@ -427,6 +447,7 @@ class FineTune:
             "gradient_accumulation_resolved": gradient_accumulation(cfg),
             "global_batch_size": self.sampler.global_batch, "effective_lr": self.lr,
             "num_classes": len(data.index.classes), "train_samples": len(data.train_rows),
+            "val_samples": len(data.val_rows),
             "test_samples": len(data.test_rows), "device": str(accelerator.device),
             "mixed_precision_resolved": accelerator.mixed_precision, "feature_cache": self.feature_cache,
             "steps_per_epoch": self.sampler.steps_per_epoch, "output_dir_resolved": str(self.run_dir),
@@ -435,7 +456,8 @@ class FineTune:
         if accelerator.is_main_process:
             write_json(self.run_dir.config, self.run_config)
         self.console.print(
-            f"{len(data.index.classes)} classes, {len(data.train_rows)} train / {len(data.test_rows)} test images; "
+            f"{len(data.index.classes)} classes, {len(data.train_rows)} train / "
+            + (f"{len(data.val_rows)} validation / " if data.val_rows else "") + f"{len(data.test_rows)} test images; "
             f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}; "
             f"global batch {self.sampler.global_batch} ({cfg.batch_size} per process"
             + (f" x {gradient_accumulation(cfg)} accumulation steps" if gradient_accumulation(cfg) > 1 else "")
@@ -460,9 +482,20 @@ class FineTune:
         stop.install()
         try:
             return fit(self.accelerator, self.model, self.optimizer, self.scheduler, self.train_batches, self.state,
-                       self.settings, self._save_checkpoint, stop, TrainLog(self.tracker, self.console, self.settings))
+                       self.settings, self._save_checkpoint, stop, TrainLog(self.tracker, self.console, self.settings),
+                       validate=self._validate if self.val_batches else None)
         finally:
             stop.uninstall()
+
+    def _validate(self, state: TrainState) -> None:
+        """After each epoch: exact loss, accuracy and top-5 on the validation split, logged as val/* and kept
+        in the train state (so a resumed run has the whole history). The test split chooses nothing."""
+        metrics, _ = evaluate(self.accelerator, self.model, self.val_batches, self.data.index.classes, self.console)
+        scores = {k: metrics[k] for k in ("loss", "accuracy", "top5_accuracy")}
+        state.val_history.append({"epoch": state.epoch, "global_step": state.global_step, **scores})
+        self.tracker.log({f"val/{k}": v for k, v in scores.items()}, step=state.global_step)
+        self.console.print(f"epoch {state.epoch}: validation loss {scores['loss']:.4f}, accuracy "
+                           f"{scores['accuracy']:.2%}")
 
     def _save_checkpoint(self) -> None:
         folder = save_checkpoint(self.accelerator, self.run_dir, self.state, self.data.index.classes,
@@ -481,6 +514,8 @@ class FineTune:
                        "seconds": self.feature_seconds,
                        "images_per_second": (len(self.train_images) + len(self.test_images)) / self.feature_seconds},
                    "skipped_files": sorted(self.data.bad), "config": self.run_config}
+        if self.state.val_history:  # the last epoch's numbers, and every epoch's
+            metrics["val"] = {**self.state.val_history[-1], "history": self.state.val_history}
         if self.accelerator.is_main_process:
             # metrics.json first: model/ is what marks the run finished, so a crash between the two
             # leaves a run that --resume auto completes rather than one without metrics.
