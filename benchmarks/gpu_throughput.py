@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     real = []
     for _ in range(2):  # the first pass starts the loader workers; the second is the steady state
         tic = time.perf_counter()
-        extract_features(accelerator, model, batches, len(rows))
+        extract_features(accelerator, model, batches, lambda positions, features: None)
         sync(device)
         real.append(len(rows) / (time.perf_counter() - tic))
     result["features_real_images_per_second_first_pass"] = real[0]

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from tl_dist.checkpoint import TrainState
 from tl_dist.console import RunConsole
-from tl_dist.data import FeatureRows, GlobalBatchSampler, make_loader
+from tl_dist.data import GlobalBatchSampler, make_loader
 from tl_dist.engine import Batches, LoopSettings, StopRequest, TrainLog, fit
 from tl_dist.model import build_model, trainable_parameters
 from tl_dist.run_dir import RunDir
@@ -36,6 +36,20 @@ def run_fit(accelerator, model, optimizer, scheduler, batches: Batches, run_dir,
                   StopRequest(run_dir / "STOP"), TrainLog(Tracker(accelerator, RunDir(run_dir), "disabled"),
                                                           RunConsole(True), settings))
     return outcome.value, state
+
+
+class FeatureRows(torch.utils.data.Dataset):
+    """Feature rows in memory with their labels, a batch at a time (as the stored features are served)."""
+
+    def __init__(self, features: torch.Tensor, labels: list[int]):
+        self.features, self.labels = features, torch.tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitems__(self, positions):
+        idx = torch.tensor(list(positions), dtype=torch.long)
+        return self.features[idx], self.labels[idx], idx
 
 
 def fp16_accelerator() -> Accelerator:

@@ -528,20 +528,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return max(0, self.steps_per_epoch - self.start_step) * self.accumulation
 
 
-class FeatureRows(torch.utils.data.Dataset):
-    """Precomputed backbone features (on the device) with their labels, fetched a batch at a time."""
-
-    def __init__(self, features: torch.Tensor, labels: list[int]):
-        self.features, self.labels = features, torch.tensor(labels, device=features.device)
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    def __getitems__(self, positions):
-        idx = torch.tensor(list(positions), dtype=torch.long, device=self.features.device)
-        return self.features[idx], self.labels[idx], idx
-
-
 def normalize(images: torch.Tensor, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
     """uint8 N x 3 x S x S -> the article's ToTensor() + Normalize(ImageNet mean, std), on their device."""
     mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)

@@ -130,25 +130,22 @@ def _phase(console, description: str, total: int):
 
 
 @torch.no_grad()
-def extract_features(accelerator, model, batches: Batches, num_rows: int, console=None,
-                     description: str = "features") -> torch.Tensor:
-    """Pooled backbone features of every row, computed once (sharded over the processes, under the run's
-    autocast) and gathered so that every process holds all of them, on its device."""
+def extract_features(accelerator, model, batches: Batches, write: Callable[[torch.Tensor, torch.Tensor], None],
+                     console=None, description: str = "features") -> None:
+    """Pooled backbone features of every image of `batches`, computed once (sharded over the processes,
+    under the run's autocast) and gathered: `write(positions, features)` gets every gathered batch, on
+    every process (the caller decides who keeps them)."""
     net = accelerator.unwrap_model(model)
     net.eval()
-    features = None
-    with _phase(console, description, num_rows) as progress:
+    with _phase(console, description, len(batches.loader.dataset)) as progress:
         for images, _, positions in batches.loader:
             with accelerator.autocast():
                 f = net.embed(batches.inputs(images, accelerator.device))
             f, positions = accelerator.gather_for_metrics((f.contiguous(), positions.to(accelerator.device)))
-            if features is None:
-                features = torch.empty(num_rows, f.shape[1], dtype=f.dtype, device=accelerator.device)
-            features[positions] = f
+            write(positions, f)
             progress.advance(len(positions))
-    if features is not None and features.is_cuda:
-        torch.cuda.synchronize(features.device)  # done when it returns: the caller times it
-    return features
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize(accelerator.device)  # done when it returns: the caller times it
 
 
 @torch.no_grad()

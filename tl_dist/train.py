@@ -16,6 +16,7 @@ if __name__ == "__main__" and not __package__:
     # shadow other packages' modules. Import the package from the repository root instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
@@ -26,6 +27,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs,  # noqa: E402
@@ -35,12 +37,13 @@ from tl_dist.checkpoint import (CheckpointError, TrainState, check_checkpoint, l
                                 save_checkpoint, save_final_model)
 from tl_dist.config import DEFAULT_DATA_DIR, Config, build_parser, parse_args  # noqa: E402
 from tl_dist.console import RunConsole  # noqa: E402
-from tl_dist.data import (CachedImages, DataError, FeatureRows, GlobalBatchSampler, ImageCache,  # noqa: E402
+from tl_dist.data import (CachedImages, DataError, GlobalBatchSampler, ImageCache,  # noqa: E402
                           ImageIndex, download_caltech101, find_image_root, index_images, keep_decodable,
                           Interrupted, make_loader, stop_on_signals, stratified_sample, stratified_split,
                           warn_untested_classes)
 from tl_dist.engine import (Batches, LoopSettings, Outcome, StopRequest, TrainLog, evaluate,  # noqa: E402
                             extract_features, fit, stop_with_launcher)
+from tl_dist.features import FeatureStore, StoredFeatures, weights_fingerprint  # noqa: E402
 from tl_dist.launch_check import exit_if_unsupported_setup  # noqa: E402
 from tl_dist.model import WeightsError, build_model, trainable_parameters  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
@@ -234,19 +237,68 @@ def image_batches(cfg: Config, accelerator: Accelerator, images: CachedImages, s
     return Batches(loader if sampler is not None else accelerator.prepare(loader), False, cfg.channels_last)
 
 
-def feature_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, model, images: CachedImages,
-                    split: str, sampler=None) -> tuple[Batches, float]:
-    """The frozen backbone's pooled features of every image, computed once here (the backbone's output
-    never changes, so not once per image and epoch: >99% of VGG16's work), as batches for the classifier.
-    Also returns the seconds the backbone pass took."""
+def build_feature_store(cfg: Config, accelerator: Accelerator, console: RunConsole, model,
+                        data: PreparedData) -> tuple[FeatureStore, float | None]:
+    """The frozen backbone's pooled features of every image of the split, on disk under --cache-dir. The
+    backbone's output never changes, so it runs once per image (not once per image and epoch: >99% of
+    VGG16's work), and not at all when a run with the same images, network, weights and precision ran it
+    before. Returns the store and the seconds the backbone took (None: reused)."""
+    store = FeatureStore(cfg.cache_dir, {
+        "images": data.array_path.name, "model": cfg.model, "weights": weights_fingerprint(cfg.model, cfg.weights,
+                                                                                             cfg.seed),
+        "image_size": cfg.image_size, "precision": accelerator.mixed_precision, "channels_last": cfg.channels_last})
+    lock = store.locked(console.print) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:  # held by the main process: of several runs that need these features, one computes them
+        missing = gather_object([accelerator.is_local_main_process and not store.complete()])
+        seconds = compute_features(cfg, accelerator, console, model, data, store) if any(missing) else None
+        accelerator.wait_for_everyone()
+    if seconds is None:
+        store.touch()
+        console.print(f"features: reused {store.array_path} ({store.meta()['rows']} rows)")
+    return store, seconds
+
+
+def compute_features(cfg: Config, accelerator: Accelerator, console: RunConsole, model, data: PreparedData,
+                     store: FeatureStore) -> float:
+    """Every process computes its shard; the main process of each node that lacks the file writes the
+    gathered rows into its temporary file, then puts it in place. Returns the seconds it took."""
+    rows = np.array(sorted(data.train_rows + data.val_rows + data.test_rows))
+    writes = accelerator.is_local_main_process and not store.complete()
+    array, dtype = None, None
+
+    def write(positions: torch.Tensor, features: torch.Tensor) -> None:
+        nonlocal array, dtype
+        if not writes:
+            return
+        if array is None:
+            array, dtype = store.create(len(data.index), features.shape[1], features.dtype), features.dtype
+        bits = features.cpu()
+        bits = bits.view(torch.int16).numpy().view(np.uint16) if bits.dtype == torch.bfloat16 else bits.numpy()
+        array[rows[positions.cpu().numpy()]] = bits
+
     tic = time.perf_counter()
-    with stop_on_signals("computing backbone features"):  # nothing to save yet: main() exits 75
-        features = extract_features(accelerator, model, image_batches(cfg, accelerator, images), len(images),
-                                    console, f"features ({split} split)")
-    seconds = time.perf_counter() - tic
-    rows = FeatureRows(features, images.labels.tolist())
-    loader = make_loader(rows, sampler, batch_size=cfg.batch_size)
-    return Batches(loader if sampler is not None else accelerator.prepare(loader), pooled=True), seconds
+    try:
+        with stop_on_signals("computing backbone features"):  # nothing to save yet: main() exits 75
+            extract_features(accelerator, model, image_batches(cfg, accelerator, data.images(rows.tolist())),
+                             write, console, "features")
+        seconds = time.perf_counter() - tic
+        if array is not None:
+            store.publish(array, dtype, seconds)
+    except BaseException:
+        store.discard()
+        raise
+    console.print(f"backbone features of {len(rows)} images in {seconds:.1f} s ({len(rows) / seconds:,.0f} "
+                  f"images/s), saved in {store.array_path}")
+    return seconds
+
+
+def feature_batches(cfg: Config, accelerator: Accelerator, store: FeatureStore, images: CachedImages,
+                    sampler=None) -> Batches:
+    """Batches of stored features for the classifier: the training batches (our sampler) or evaluation
+    batches (sharded by Accelerate's `prepare`)."""
+    loader = make_loader(StoredFeatures(store, images.rows, images.labels.tolist()), sampler,
+                         batch_size=cfg.batch_size)
+    return Batches(loader if sampler is not None else accelerator.prepare(loader), pooled=True)
 
 
 # ---------------------------------------------------------------- the network and the optimizer
@@ -421,23 +473,17 @@ class FineTune:
         self.train_images, self.test_images = data.images(data.train_rows), data.images(data.test_rows)
         val_images = data.images(data.val_rows) if data.val_rows else None
         self.feature_cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features")
-        self.feature_seconds, self.val_batches = None, None
+        self.feature_seconds, self.feature_store, self.val_batches = None, None, None
         if not self.feature_cache:
             self.train_batches = image_batches(cfg, accelerator, self.train_images, self.sampler)
             self.test_batches = image_batches(cfg, accelerator, self.test_images)
             self.val_batches = val_images and image_batches(cfg, accelerator, val_images)
             return
-        self.train_batches, train_s = feature_batches(cfg, accelerator, self.console, self.model,
-                                                      self.train_images, "train", self.sampler)
-        self.test_batches, test_s = feature_batches(cfg, accelerator, self.console, self.model, self.test_images,
-                                                    "test")
-        self.feature_seconds = train_s + test_s
-        if val_images:
-            self.val_batches, val_s = feature_batches(cfg, accelerator, self.console, self.model, val_images, "val")
-            self.feature_seconds += val_s
-        count = len(self.train_images) + len(self.test_images) + len(val_images or [])
-        self.console.print(f"backbone features of {count} images in {self.feature_seconds:.1f} s "
-                           f"({count / self.feature_seconds:,.0f} images/s)")
+        store, self.feature_seconds = build_feature_store(cfg, accelerator, self.console, self.model, data)
+        self.feature_store = store.array_path
+        self.train_batches = feature_batches(cfg, accelerator, store, self.train_images, self.sampler)
+        self.test_batches = feature_batches(cfg, accelerator, store, self.test_images)
+        self.val_batches = val_images and feature_batches(cfg, accelerator, store, val_images)
 
     def _setup_tracking(self) -> None:
         cfg, accelerator, data = self.cfg, self.accelerator, self.data
@@ -510,9 +556,7 @@ class FineTune:
         test_metrics["per_class"] = report.per_class()
         self.state.finished = True
         metrics = {"baseline": self.state.baseline, "test": test_metrics, "train": self._train_numbers(),
-                   "features": self.feature_seconds and {
-                       "seconds": self.feature_seconds,
-                       "images_per_second": (len(self.train_images) + len(self.test_images)) / self.feature_seconds},
+                   "features": self._feature_numbers(),
                    "skipped_files": sorted(self.data.bad), "config": self.run_config}
         if self.state.val_history:  # the last epoch's numbers, and every epoch's
             metrics["val"] = {**self.state.val_history[-1], "history": self.state.val_history}
@@ -536,6 +580,14 @@ class FineTune:
                 "seconds": state.train_seconds, "global_step": state.global_step,
                 "global_batch_size": self.sampler.global_batch, "lr": self.lr,
                 "num_processes": self.accelerator.num_processes, "skipped_steps": state.skipped_steps}
+
+    def _feature_numbers(self) -> dict | None:
+        if self.feature_store is None:
+            return None
+        images = len(self.data.train_rows) + len(self.data.val_rows) + len(self.data.test_rows)
+        seconds = self.feature_seconds
+        return {"path": str(self.feature_store), "reused": seconds is None, "seconds": seconds,
+                "images_per_second": images / seconds if seconds else None}
 
     def _test_files(self) -> list[str]:
         return [self.data.index.files[r] for r in self.data.test_rows]
