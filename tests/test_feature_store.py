@@ -1,0 +1,110 @@
+"""Features on disk (tl_dist/features.py): computed once, reused by later runs on any number of processes,
+one builder at a time, nothing that looks complete after a crash, stored in the autocast dtype."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
+
+from tl_dist.features import FeatureStore, StoredFeatures
+
+RUN = ("--wandb-mode", "disabled", "--checkpoint-every-epochs", "0", "--dropout", "0")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_image_tree(tmp_path_factory.mktemp("feature-store-images") / "caltech-101", per_class=10)
+
+
+def train(data: Path, out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    proc = run_module([*tiny_args(data, out, cache, *RUN), *extra])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def stores(cache: Path) -> list[Path]:
+    return sorted(cache.glob("features-*.npy"))
+
+
+def same_results(a: Path, b: Path) -> None:
+    one, two = read_metrics(a), read_metrics(b)
+    assert one["train"]["epoch_loss"] == two["train"]["epoch_loss"]
+    assert one["test"]["loss"] == two["test"]["loss"] and one["baseline"]["loss"] == two["baseline"]["loss"]
+
+
+def test_a_second_run_reuses_the_features_and_trains_as_a_cold_one(data, tmp_path):
+    shared = tmp_path / "shared"
+    first = train(data, tmp_path / "first", shared)
+    (path,) = stores(shared)
+    assert f"saved in {path}" in first.stdout
+    second = train(data, tmp_path / "second", shared, "--lr", "0.02")
+    assert f"features: reused {path} (40 rows)" in second.stdout and "backbone features of" not in second.stdout
+    assert read_metrics(tmp_path / "second")["features"]["reused"] is True
+    cold = train(data, tmp_path / "cold", tmp_path / "own-cache", "--lr", "0.02")
+    assert "backbone features of" in cold.stdout
+    same_results(tmp_path / "second", tmp_path / "cold")  # reused features: identical to a cold cache
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert (meta["kind"], meta["rows"], meta["dim"], meta["dtype"]) == ("features", 40, 64, "float32")
+    assert meta["key"]["model"] == "vgg_tiny" and meta["key"]["image_size"] == 32
+
+
+def test_two_processes_reuse_what_one_computed(data, tmp_path):
+    shared = tmp_path / "shared"
+    train(data, tmp_path / "one", shared, "--batch-size", "8")
+    two = launch([*tiny_args(data, tmp_path / "two", shared, *RUN), "--batch-size", "4"], nproc=2)
+    assert "features: reused" in two.stdout and "backbone features of" not in two.stdout
+    one, other = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert other["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=1e-5)
+
+
+def test_of_two_runs_at_once_one_computes_and_the_other_reuses(data, tmp_path):
+    shared = tmp_path / "shared"
+    procs = [subprocess.Popen([sys.executable, "-m", "tl_dist.train",
+                               *tiny_args(data, tmp_path / f"run{i}", shared, *RUN, "--lr", str(0.01 * (i + 1)))],
+                              cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    computed = ["backbone features of" in out for out, _ in outputs]
+    reused = ["features: reused" in out for out, _ in outputs]
+    assert sorted(computed) == [False, True] and sorted(reused) == [False, True], outputs
+    assert len(stores(shared)) == 1 and not [p for p in shared.glob(".features-*") if p.suffix != ".lock"]
+
+
+def test_a_crashed_writer_leaves_nothing_that_looks_complete(data, tmp_path):
+    shared = tmp_path / "shared"
+    train(data, tmp_path / "first", shared)
+    (path,) = stores(shared)
+    path.with_suffix(".json").unlink()  # as if killed between the array's rename and the sidecar
+    dead = 2**22 + 7  # above the default pid_max (2**22): a pid that does not run
+    stale = shared / f".{path.stem}.tmp-{os.uname().nodename}-{dead}.npy"
+    stale.write_bytes(b"half")
+    again = train(data, tmp_path / "again", shared)
+    assert "backbone features of" in again.stdout and "reused" not in again.stdout
+    assert not stale.exists() and path.with_suffix(".json").is_file()
+    same_results(tmp_path / "first", tmp_path / "again")
+
+
+def test_features_are_stored_in_the_autocast_dtype(data, tmp_path):
+    """bf16 autocast: the rows are bfloat16 on disk (half the bytes of float32) and read back as such."""
+    shared = tmp_path / "shared"
+    train(data, tmp_path / "bf16", shared, "--mixed-precision", "bf16")
+    (path,) = stores(shared)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["key"]["precision"] == "bf16"
+    assert path.stat().st_size < 40 * 64 * 2 + 256
+    store = FeatureStore.__new__(FeatureStore)
+    store.array_path, store.meta_path = path, path.with_suffix(".json")
+    rows, labels, positions = StoredFeatures(store, [0, 5, 39], [0, 1, 2]).__getitems__([2, 0])
+    assert rows.dtype == torch.bfloat16 and rows.shape == (2, 64) and positions.tolist() == [2, 0]
+    assert torch.isfinite(rows.float()).all() and rows.float().abs().sum() > 0
+    reused = train(data, tmp_path / "bf16-again", shared, "--mixed-precision", "bf16")
+    assert "features: reused" in reused.stdout
+    same_results(tmp_path / "bf16", tmp_path / "bf16-again")
