@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tl_dist.checkpoint import TrainState, save_checkpoint
-from tl_dist.data import normalize
+from tl_dist.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from tl_dist.metrics import compute_metrics
 
 STOP_FILE = "STOP"  # touch <run_dir>/STOP to make every process checkpoint and exit (the SLURM scripts do)
@@ -30,10 +30,12 @@ class Batches:
     loader: object
     pooled: bool
     channels_last: bool = False
+    mean: tuple = IMAGENET_MEAN  # the network's input normalisation (TransferNet.mean, .std)
+    std: tuple = IMAGENET_STD
 
     def inputs(self, x: torch.Tensor, device) -> torch.Tensor:
         x = x.to(device, non_blocking=True)
-        return x if self.pooled else normalize(x, channels_last=self.channels_last)
+        return x if self.pooled else normalize(x, channels_last=self.channels_last, mean=self.mean, std=self.std)
 
 
 class StopRequest:

@@ -213,6 +213,8 @@ def build_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, mo
     """The training batches (sharded by ShardedBatchSampler) and the test batches (sharded by Accelerate),
     either as images or, with the feature cache, as the frozen backbone's pooled features."""
     on_gpu = accelerator.device.type == "cuda"
+    net = accelerator.unwrap_model(model)
+    images = {"channels_last": cfg.channels_last, "mean": net.mean, "std": net.std}  # how images become inputs
     workers = cfg.num_workers if cfg.num_workers >= 0 else (min(8, threads) if on_gpu else 0)
     sampler = ShardedBatchSampler(len(train_images), cfg.batch_size, accelerator.num_processes,
                                   accelerator.process_index, cfg.seed)
@@ -220,17 +222,15 @@ def build_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, mo
                                                   pin_memory=on_gpu))
     if not use_feature_cache:
         train_loader = make_loader(train_images, sampler, num_workers=workers, pin_memory=on_gpu)
-        return (Batches(train_loader, pooled=False, channels_last=cfg.channels_last),
-                Batches(test_loader, pooled=False, channels_last=cfg.channels_last), None)
+        return Batches(train_loader, pooled=False, **images), Batches(test_loader, pooled=False, **images), None
     # The backbone is frozen, so its output for an image never changes: compute it once per image instead
     # of once per image and epoch (>99% of VGG16's work), then train the classifier on it.
     train_eval_loader = accelerator.prepare(make_loader(train_images, batch_size=cfg.batch_size,
                                                         num_workers=workers, pin_memory=on_gpu))
     tic = time.perf_counter()
-    train_features = extract_features(accelerator, model, Batches(train_eval_loader, False, cfg.channels_last),
+    train_features = extract_features(accelerator, model, Batches(train_eval_loader, False, **images),
                                       len(train_images))
-    test_features = extract_features(accelerator, model, Batches(test_loader, False, cfg.channels_last),
-                                     len(test_images))
+    test_features = extract_features(accelerator, model, Batches(test_loader, False, **images), len(test_images))
     seconds = time.perf_counter() - tic
     count = len(train_images) + len(test_images)
     stats = {"seconds": seconds, "images_per_second": count / seconds}
@@ -279,7 +279,9 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
     # ---- model
     set_seed(cfg.seed)  # the same new head on every process
     with accelerator.local_main_process_first():  # one download of the ImageNet weights per node
-        model = build_model(cfg.model, len(classes), "none" if ckpt else cfg.weights, cfg.freeze, cfg.dropout)
+        model = build_model(cfg.model, len(classes), cfg.weights, cfg.freeze, cfg.dropout, image_size=cfg.image_size,
+                            from_checkpoint=ckpt is not None)
+    mean, std = model.mean, model.std  # its weights' input normalisation, recorded in config.json for predict
     if cfg.eval_only:
         load_weights(model, ckpt)
     if cfg.channels_last:
@@ -334,7 +336,7 @@ def run(cfg: Config, accelerator: Accelerator, console: RunConsole, wandb_mode: 
                   "test_samples": len(test_rows), "device": str(accelerator.device),
                   "mixed_precision_resolved": accelerator.mixed_precision, "feature_cache": use_feature_cache,
                   "steps_per_epoch": steps_per_epoch, "output_dir": str(run_dir),
-                  "cpu_threads": torch.get_num_threads()}
+                  "cpu_threads": torch.get_num_threads(), "mean": list(mean), "std": list(std)}
     tracker.start(cfg.wandb_project, cfg.wandb_run_name or run_dir.name, run_config)
     state.wandb_run_id = tracker.run_id or state.wandb_run_id
     if accelerator.is_main_process:
