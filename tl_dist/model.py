@@ -338,7 +338,7 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze: str 
         model.requires_grad_(False)
         model.head.requires_grad_(True)
         model.frozen_backbone = True
-    return model
+    return model.train()  # train mode, with a frozen feature extractor in eval mode
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -2,7 +2,8 @@
 
 DIR is a run's output folder (its final model, `model/`, or else its newest checkpoint), the `model/`
 folder itself, or one `checkpoints/step_N` folder. The class names come from its classes.json and the
-network and image size from the run's config.json, so no dataset is needed. Images go through the same
+network, image size and normalisation from the run's config.json, so neither --model nor a dataset is
+needed. `tl_dist.load_model(DIR)` gives the same model to Python code (LoadedModel). Images go through the same
 decoding and resizing as training (data.load_image) and are batched; a file that cannot be read gets an
 error (on stderr, or as a JSON line with an `error` field) and the others go on.
 
@@ -75,6 +76,7 @@ class LoadedModel:
     """A fine-tuned network in eval mode and what it needs: its class names and its preprocessing
     (images resized to `image_size` x `image_size`, then normalised with `mean` and `std`)."""
     network: torch.nn.Module
+    arch: str  # its --model: vgg16, resnet50, ...
     classes: list[str]
     image_size: int
     mean: tuple[float, ...]
@@ -116,7 +118,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     # The recorded normalisation; runs that did not record it were trained with ImageNet's (model.mean).
     mean, std = tuple(config.get("mean") or model.mean), tuple(config.get("std") or model.std)
     model.mean, model.std = mean, std
-    return LoadedModel(model.eval().to(device), classes, image_size, mean, std, model_dir, config)
+    return LoadedModel(model.eval().to(device), arch, classes, image_size, mean, std, model_dir, config)
 
 
 def image_size_problem(model: LoadedModel, size: int) -> str | None:
@@ -124,7 +126,7 @@ def image_size_problem(model: LoadedModel, size: int) -> str | None:
     the size it was trained at."""
     if isinstance(model.network, VisionTransformerNet) and size != model.image_size:
         return f"this ViT was trained at {model.image_size} px and takes only that size"
-    return check_image_size(model.config.get("model", "vgg16"), size)
+    return check_image_size(model.arch, size)
 
 
 def _guess_vgg(model_dir: Path) -> str:
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     top_k = min(args.top_k, len(classes))
     paths = expand_inputs(args.inputs)
     info = sys.stderr
-    print(f"model: {model_dir} ({config.get('model', 'unknown network')}, {len(classes)} classes, "
+    print(f"model: {model_dir} ({model.arch}, {len(classes)} classes, "
           f"{image_size} px) on {device}; {len(paths)} image(s)", file=info)
     if not config:
         print(f"warning: no config.json found for {model_dir}; assuming {image_size} px images "
