@@ -22,7 +22,7 @@ import tl_dist
 from conftest import REPO, launch, read_metrics, run_env, run_module
 from tl_dist.config import parse_args
 from tl_dist.model import (FAMILIES, WeightsError, build_model, check_image_size, family_name, normalization,
-                           trainable_parameters)
+                           weights_entry)
 
 FAKES = Path(__file__).parent / "distributed_fakes"
 
@@ -104,6 +104,10 @@ def test_normalization_follows_the_weights_metadata():
     assert normalization("efficientnet_v2_l", "imagenet") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     mean, std = normalization("vgg16", "IMAGENET1K_FEATURES")  # the features-only weights: 0..255 inputs
     assert mean == pytest.approx((0.48235, 0.45882, 0.40784)) and std == pytest.approx((1 / 255.0,) * 3)
+    assert weights_entry("resnet50", "imagenet") is models.ResNet50_Weights.IMAGENET1K_V2  # its DEFAULT
+    assert weights_entry("resnet50", "IMAGENET1K_V1") is models.ResNet50_Weights.IMAGENET1K_V1
+    assert weights_entry("resnet50", "none") is None and weights_entry("vgg16", "imagenet").url.endswith(
+        "vgg16-397923af.pth")  # the article's weights, as before
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert normalization("vgg16", "imagenet") == normalization("resnet50", "none") == imagenet
 
