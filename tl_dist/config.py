@@ -43,8 +43,8 @@ class Config:
                         "state_dict (.pth or .safetensors) with its 1000-way head", "Model", "imagenet")
     freeze: str = _opt("freeze the feature extractor and train the classifier block (the article), or train "
                        "everything", "Model", "features", choices=("features", "none"))
-    dropout: float | None = _opt("dropout of the classifier block's dropout layers (default: the network's "
-                                 "own: VGG16's two hidden layers 0.5; ResNet's fc has none)", "Model", None)
+    dropout: float | None = _opt("dropout of the classifier block's dropout layers; None: the network's own "
+                                 "(VGG16's two hidden layers: 0.5; ResNet's fc has none)", "Model", None)
     cache_features: str = _opt("train the classifier on backbone features computed once per image: auto = "
                                "exactly when that gives the same result (frozen backbone)", "Model", "auto",
                                choices=("auto", "on", "off"))
