@@ -82,23 +82,25 @@ def network_sizes(arch: str, metrics: dict) -> dict:
     return {"feature_len": feature.shape[1], "trained_params": sum(p.numel() for p in trainable_parameters(model))}
 
 
-def report(a, machine: dict, runs: list[dict], when: str, command: str, load: str) -> str:
+def report(a, machine: dict, runs: list[dict], when: str, command: str) -> str:
     lines = [f"<!-- bench:{a.label} -->", f"## {a.label}: {machine['cpu']}, {machine['cores']} cores", "",
              f"Measured {when} with `{command}`. {runs[0]['images']} images of the sample, {a.image_size} px, "
              f"{a.epochs} epochs of the article's recipe (frozen feature extractor, cached features, SGD on the "
              "classifier block, per-epoch checkpoints), `--weights none` (this machine cannot download the "
              "ImageNet weights; a forward pass takes as long with any values), one run per network, the "
              f"decoded-image cache warm. Python {machine['python']}, torch {machine['torch']}, torchvision "
-             f"{machine['torchvision']}, accelerate {machine['accelerate']}. Load average (1 min) {load}: "
-             "other programs shared the cores, so compare the networks with one another, not with other tables."]
+             f"{machine['torchvision']}, accelerate {machine['accelerate']}. Other programs shared the "
+             "cores (the load column: 1-minute load average before and after each run, on "
+             f"{machine['cores']} cores), so the numbers are noisy and slower than on an idle machine."]
     if a.note:
         lines += ["", a.note]
     lines += ["", "| --model | wall s (end to end) | feature pass images/s | feature pass s | classifier steps s "
-              "| cached feature per image | trained parameters | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
+              "| cached feature per image | trained parameters | peak RSS MiB | load |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {r['arch']} | {r['wall_s']:.1f} | {r['features_ips']:.1f} | {r['features_s']:.1f} | "
                      f"{r['train_s']:.1f} | {r['feature_len'] or '?'} floats | "
-                     f"{(r['trained_params'] or 0) / 1e6:.2f}M | {r['peak_rss_mib']:.0f} |")
+                     f"{(r['trained_params'] or 0) / 1e6:.2f}M | {r['peak_rss_mib']:.0f} | "
+                     f"{r['load'][0]:.1f} / {r['load'][1]:.1f} |")
     base = next((r for r in runs if r["arch"] == "vgg16"), runs[0])
     lines += ["", "Feature pass vs " + base["arch"] + ": " + ", ".join(
         f"{r['arch']} {r['features_ips'] / base['features_ips']:.2f}x" for r in runs if r is not base) + ".",
@@ -116,15 +118,16 @@ def main(argv=None) -> int:
         build_subset(Path(a.data_dir), a.max_samples, subset)
         run_network(a, "vgg_tiny", subset, cache, work, timed_run=False)  # decodes the images once
         started = datetime.datetime.now(datetime.timezone.utc)
-        runs, loads = [], [os.getloadavg()[0]]
+        runs = []
         for arch in a.models.split(","):
+            load_before = os.getloadavg()[0]
             runs.append(run_network(a, arch, subset, cache, work))
-            loads.append(os.getloadavg()[0])
+            runs[-1]["load"] = (load_before, os.getloadavg()[0])
             print(json.dumps(runs[-1]), flush=True)
         when = f"{started:%Y-%m-%d %H:%M}-{datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC"
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    section = report(a, machine, runs, when, command, f"{min(loads):.1f} to {max(loads):.1f} on {machine['cores']} cores")
+    section = report(a, machine, runs, when, command)
     print(section)
     write_section(Path(a.results), a.label, section)
     return 0
