@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     labels = [index.labels[r] for r in rows]
 
     # ---- 1. frozen-feature extraction
-    model = accelerator.prepare(build_network(cfg, len(index.classes), "none"))
+    model = accelerator.prepare(build_network(cfg, len(index.classes)))
     net = accelerator.unwrap_model(model).eval()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     x = torch.randn(a.batch_size, 3, a.image_size, a.image_size, device=device).contiguous(memory_format=fmt)
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     result["features_synthetic_images_per_second"] = n_batches * a.batch_size / (time.perf_counter() - tic)
     result["feature_dim"] = f.shape[1]
 
-    batches = image_batches(cfg, accelerator, CachedImages(array_path, rows, labels))
+    batches = image_batches(cfg, accelerator, CachedImages(array_path, rows, labels), model)
     real = []
     for _ in range(2):  # the first pass starts the loader workers; the second is the steady state
         tic = time.perf_counter()
@@ -141,14 +141,15 @@ def main(argv=None) -> dict:
     images = torch.randint(0, 256, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
     ys = torch.randint(0, len(index.classes), (a.batch_size,), device=device)
     for source in ("synthetic", "real"):
-        model = build_network(cfg, len(index.classes), "none")
+        model = build_network(cfg, len(index.classes))
         optimizer, scheduler, _ = build_optimizer(cfg, accelerator, model, total_steps=2 * a.train_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         sampler = GlobalBatchSampler(len(rows_ft), a.batch_size, 1, 0, seed=0)
         dataset = (CachedImages(array_path, rows_ft, [index.labels[r] for r in rows_ft]) if source == "real"
                    else SameBatch(images, ys, len(rows_ft)))
-        batches = (image_batches(cfg, accelerator, dataset, sampler) if source == "real"
-                   else Batches(make_loader(dataset, sampler), pooled=False, channels_last=cfg.channels_last))
+        batches = (image_batches(cfg, accelerator, dataset, model, sampler) if source == "real"
+                   else Batches(make_loader(dataset, sampler), pooled=False, channels_last=cfg.channels_last,
+                                mean=accelerator.unwrap_model(model).mean, std=accelerator.unwrap_model(model).std))
         state = TrainState()
         speeds = []
         for epoch in range(2):  # epoch 1 warms up; epoch 2 is timed

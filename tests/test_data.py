@@ -142,11 +142,12 @@ def test_classes_without_a_test_image_are_named_once():
     assert warn_untested_classes(["a"], [0], warnings.append) == [] and len(warnings) == 1
 
 
-def test_min_image_size_is_what_the_network_accepts():
-    """The probe's answer matches a real forward pass: the minimum works, one pixel less fails."""
-    from tl_dist.model import build_model, min_image_size
+def test_the_smallest_image_size_is_what_the_network_accepts():
+    """check_image_size's minimum matches a real forward pass: the minimum works, one pixel less fails."""
+    from tl_dist.model import build_model, check_image_size
 
-    assert (min_image_size("vgg16"), min_image_size("vgg_tiny")) == (32, 4)
+    assert check_image_size("vgg16", 32) is None and "32 px or more" in check_image_size("vgg16", 31)
+    assert check_image_size("vgg_tiny", 4) is None and "4 px or more" in check_image_size("vgg_tiny", 3)
     net = build_model("vgg_tiny", 3, "none", "features", 0.5).eval()
     assert net(torch.zeros(1, 3, 4, 4)).shape == (1, 3)
     with pytest.raises(RuntimeError):

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import read_metrics, run_module, tiny_args
 from tl_dist import predict
@@ -94,3 +95,29 @@ def test_the_final_model_and_a_checkpoint_differ_and_bad_dirs_are_refused(traine
     with pytest.raises(SystemExit) as exc:
         predict.main(["--checkpoint", str(tmp_path), image])
     assert exc.value.code == 2 and "no model here" in capsys.readouterr().err
+
+
+def test_load_model_reads_run_folders_written_before_networks_were_recorded(trained_run, image_tree, tmp_path):
+    """A config.json without mean/std (runs before other backbones: ImageNet's), and a model/ folder copied
+    out of its run without any config.json (VGG16 or vgg_tiny, told apart by its weights): both give the
+    run's own predictions."""
+    import tl_dist
+
+    out, _ = trained_run
+    files = sorted((image_tree / "class_02").iterdir())[:4]
+    expected = tl_dist.load_model(out).predict(files)
+    assert tl_dist.load_model(out).arch == "vgg_tiny"
+
+    old = tmp_path / "old_run" / "model"
+    shutil.copytree(out / "model", old)
+    config = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in ("mean", "std")}))
+    loaded = tl_dist.load_model(old.parent)
+    assert (loaded.mean, loaded.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert torch.equal(loaded.predict(files), expected)
+
+    (old / "config.json").unlink()
+    bare = tl_dist.load_model(old)
+    assert bare.arch == "vgg_tiny" and bare.config == {} and bare.image_size == 224
+    bare.image_size = 32  # what predict's --image-size gives it
+    assert torch.equal(bare.predict(files), expected)

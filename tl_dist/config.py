@@ -40,13 +40,16 @@ class Config:
     cache_dir: str = _opt("decoded-image cache (memory-mapped uint8 arrays); never inside --data-dir", "Data",
                           str(Path("~/.cache/tl_dist")))
     # --- Model ---
-    model: str = _opt("network: vgg16, or vgg_tiny, a small stand-in with the same layout for tests",
-                      "Model", "vgg16", choices=("vgg16", "vgg_tiny"))
-    weights: str = _opt("imagenet (torchvision's IMAGENET1K_V1), none (random init), or PATH to a VGG16 "
-                        "state_dict with its 1000-way head", "Model", "imagenet")
-    freeze: str = _opt("freeze the conv features (the article) or train everything", "Model", "features",
-                       choices=("features", "none"))
-    dropout: float = _opt("dropout of the classifier's two hidden layers", "Model", 0.5)
+    model: str = _opt("network: vgg16 (the article), another torchvision classification network by name "
+                      "(resnet50, efficientnet_b0, convnext_tiny, vit_b_16, ...; see --list-models), or "
+                      "vgg_tiny, a small stand-in with VGG16's layout for tests", "Model", "vgg16")
+    weights: str = _opt("imagenet (the network's DEFAULT torchvision weights; VGG16: IMAGENET1K_V1), a weights "
+                        "name of the network (e.g. IMAGENET1K_V2), none (random init), or PATH to its "
+                        "state_dict (.pth or .safetensors) with its 1000-way head", "Model", "imagenet")
+    freeze: str = _opt("freeze the feature extractor and train the classifier block (the article), or train "
+                       "everything", "Model", "features", choices=("features", "none"))
+    dropout: float | None = _opt("dropout of the classifier block's dropout layers; None: the network's own "
+                                 "(VGG16's two hidden layers: 0.5; ResNet's fc has none)", "Model", None)
     cache_features: str = _opt("train the classifier on backbone features computed once per image: auto = "
                                "exactly when that gives the same result (frozen backbone)", "Model", "auto",
                                choices=("auto", "on", "off"))
@@ -123,7 +126,7 @@ RUN_DEFINING = ("model", "weights", "freeze", "dropout", "image_size", "seed", "
 # What a run writes into its config.json besides its options; ignored when such a file is read back.
 DERIVED = ("num_processes", "global_batch_size", "effective_lr", "num_classes", "train_samples", "val_samples",
            "test_samples", "device", "mixed_precision_resolved", "feature_cache", "steps_per_epoch",
-           "output_dir_resolved", "cpu_threads", "gradient_accumulation_resolved")
+           "output_dir_resolved", "cpu_threads", "gradient_accumulation_resolved", "mean", "std")
 NOT_FROM_FILES = ("resume", "eval_only", "config")  # what to do with a run, not what the run is
 
 
@@ -140,8 +143,9 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl_dist.train", description="Fine-tune VGG16 on Caltech-101 with Accelerate.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tl_dist.train", description="Fine-tune VGG16 (or another torchvision network) on Caltech-101 with "
+        "Accelerate.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         meta = f.metadata
@@ -155,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(_flag(f.name), type=kind, default=f.default, choices=meta["choices"],
                            metavar=None if meta["choices"] else f.name.split("_")[-1].upper(),
                            help=meta["help"])
+    groups["Model"].add_argument("--list-models", action=_ListModels,
+                                 help="print the networks --model takes, their weights and trained block; exit")
     return parser
 
 
@@ -193,6 +199,31 @@ def _file_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     return {name: parsed[name] for name in values}
 
 
+class _ListModels(argparse.Action):
+    """Prints the table and exits, as --help does; it is no option of a run."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from tl_dist.model import describe_models
+
+        print(describe_models())
+        parser.exit()
+
+
+def check_network(parser: argparse.ArgumentParser, cfg: Config) -> None:
+    """--model, --weights and --image-size together, before anything is read or written."""
+    from tl_dist.model import check_image_size, check_model, check_weights
+
+    if problem := check_model(cfg.model):
+        parser.error(f"argument --model: {problem}")
+    if problem := check_weights(cfg.model, cfg.weights):
+        parser.error(f"argument --weights: {problem}")
+    if problem := check_image_size(cfg.model, cfg.image_size):
+        parser.error(f"argument --image-size: {problem}")
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -217,13 +248,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error(f"argument --lr: must be positive and below 3e38, got {cfg.lr}")
     if not 0.0 <= cfg.momentum < 1.0:
         parser.error(f"argument --momentum: must be in [0, 1), got {cfg.momentum}")
-    if not 0.0 <= cfg.dropout < 1.0:
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         parser.error(f"argument --dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.num_workers < -1:
         parser.error(f"argument --num-workers: must be -1 or more, got {cfg.num_workers}")
-    _check_paths_and_sizes(parser, cfg)
-    if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
-        parser.error(f"argument --weights: {cfg.weights!r} is neither imagenet, none nor an existing file")
+    _check_paths_and_workers(parser, cfg)
+    check_network(parser, cfg)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
         parser.error(f"argument --resume: {cfg.resume!r} is neither auto nor an existing checkpoint folder")
     if cfg.eval_only and cfg.resume is None:
@@ -242,20 +272,15 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _check_paths_and_sizes(parser: argparse.ArgumentParser, cfg: Config) -> None:
-    """Options that would fail only after the decode, or harm the machine, refused before anything runs."""
-    from tl_dist.model import min_image_size  # imports torch: only once the cheap checks passed
-
+def _check_paths_and_workers(parser: argparse.ArgumentParser, cfg: Config) -> None:
+    """Options that would harm the machine, or paths that cannot work, refused before anything runs (the
+    network's own limits, --image-size among them: check_network)."""
     # Each worker is a process of its own; more of them than cores cannot load batches faster, and
     # torch's DataLoader itself warns above this number. 1000 of them once ran a machine out of memory.
     cores = usable_cores()
     if cfg.num_workers > cores:
         parser.error(f"argument --num-workers: {cfg.num_workers} is more than the {cores} CPU core(s) this "
                      f"process may use; pass at most {cores}, or -1 to choose from the cores")
-    smallest = min_image_size(cfg.model)
-    if cfg.image_size < smallest:
-        parser.error(f"argument --image-size: {cfg.model} needs images of at least {smallest} x {smallest} "
-                     f"pixels (its pooling layers halve them), got {cfg.image_size}")
     for name in ("data_dir", "output_dir", "cache_dir"):
         value = getattr(cfg, name)
         if value is None:

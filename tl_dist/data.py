@@ -3,7 +3,7 @@
 The article decodes and resizes every JPEG again in every epoch. Here each image is decoded, converted to
 RGB and resized to SIZE x SIZE exactly once, into a memory-mapped uint8 array (the decoded-image cache).
 That decode is also the verify pass: a file that cannot be decoded is left out and reported. Batches are
-uint8 tensors; `normalize` turns them into the article's `ToTensor() + Normalize(ImageNet)` on the device.
+uint8 tensors; `normalize` turns them into the article's `ToTensor() + Normalize(mean, std)` on the device.
 """
 
 from __future__ import annotations
@@ -528,9 +528,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return max(0, self.steps_per_epoch - self.start_step) * self.accumulation
 
 
-def normalize(images: torch.Tensor, dtype=torch.float32, channels_last: bool = False) -> torch.Tensor:
-    """uint8 N x 3 x S x S -> the article's ToTensor() + Normalize(ImageNet mean, std), on their device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+def normalize(images: torch.Tensor, dtype=torch.float32, channels_last: bool = False,
+              mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 N x 3 x S x S -> the article's ToTensor() + Normalize(mean, std), on their device. The mean and
+    std are those the network's weights were trained with (TransferNet.mean/.std; ImageNet's for VGG16)."""
+    mean = torch.tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1)
     x = (images.to(dtype) / 255 - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from tl_dist.checkpoint import TrainState
 from tl_dist.console import QuietPhase
-from tl_dist.data import normalize
+from tl_dist.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from tl_dist.metrics import compute_metrics
 
 
@@ -44,10 +44,12 @@ class Batches:
     loader: object
     pooled: bool
     channels_last: bool = False
+    mean: tuple = IMAGENET_MEAN  # the network's input normalisation (TransferNet.mean, .std)
+    std: tuple = IMAGENET_STD
 
     def inputs(self, x: torch.Tensor, device) -> torch.Tensor:
         x = x.to(device, non_blocking=True)
-        return x if self.pooled else normalize(x, channels_last=self.channels_last)
+        return x if self.pooled else normalize(x, channels_last=self.channels_last, mean=self.mean, std=self.std)
 
 
 class StopRequest:

@@ -1,36 +1,218 @@
-"""The network: VGG16 with ImageNet weights, frozen conv features, a new last layer. Plain torch.
+"""The network: a torchvision classification model with a new N-way last layer. Plain torch.
 
-`TransferNet` keeps torchvision's attribute names (features, avgpool, classifier), so its state_dict is a
-torchvision VGG16 state_dict. Its forward can start from pooled backbone features (`pooled=True`): that is
-how the frozen-feature cache trains the classifier through the same (DDP-wrapped) module.
+VGG16 with ImageNet weights and frozen conv features is the default (the article). Every network of the
+families in FAMILIES works the same way. `TransferNet` adopts the torchvision network's layers under their own
+names, so its state_dict is the torchvision state_dict (VGG16's: features / avgpool / classifier), with an
+N-way last layer. It splits the network in two: the feature extractor (`embed`: every layer before the
+classifier block, flattened) and the classifier block (the network's last block: VGG's `classifier`,
+ResNet's `fc`, ViT's `heads`, ...), trained alone under --freeze features. Its forward can start from those
+features (`pooled=True`): that is how the frozen-feature cache trains the classifier through the same
+(DDP-wrapped) module. It also carries the normalisation its weights were trained with (`mean`, `std`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision import models
 
+from tl_dist.data import IMAGENET_MEAN, IMAGENET_STD
+
+TINY = "vgg_tiny"  # a small network with VGG16's layout, for fast tests
+TINY_MIN_SIZE = 4  # its two 2x2 max-pools need at least 4 px
+
 
 class WeightsError(RuntimeError):
     """A weights file that cannot be used; the message says what to do."""
 
 
+@dataclass(frozen=True)
+class Family:
+    title: str
+    head: str  # the classifier block: the network's last child, trained under --freeze features
+    map_head: bool = False  # the block starts with a 2-D layer: it takes N x C x 1 x 1, not N x C
+
+
+# The torchvision families whose forward pass runs their layers in the order they are registered (with a
+# flatten before the classifier block), so that `TransferNet.embed` can run them the same way; ViT prepends
+# its class token (VisionTransformerNet). Left out: networks whose forward does more between its layers
+# (DenseNet, GoogLeNet, Inception, MaxViT, MNASNet, MobileNetV2, ShuffleNetV2, SqueezeNet).
+FAMILIES = {
+    "vgg": Family("VGG", "classifier"),
+    "alexnet": Family("AlexNet", "classifier"),
+    "resnet": Family("ResNet / ResNeXt / Wide ResNet", "fc"),
+    "regnet": Family("RegNet", "fc"),
+    "efficientnet": Family("EfficientNet", "classifier"),
+    "mobilenetv3": Family("MobileNetV3", "classifier"),
+    "convnext": Family("ConvNeXt", "classifier", map_head=True),
+    "swin_transformer": Family("Swin Transformer", "head"),
+    "vision_transformer": Family("ViT", "heads"),
+}
+VIT = "vision_transformer"
+
+
+# ---------------------------------------------------------------- names, weights, sizes
+
+
+def family_name(arch: str) -> str | None:
+    """The torchvision module an architecture comes from ("resnet" for resnet50), or None if unknown."""
+    if arch == TINY:
+        return "vgg"
+    try:
+        return models.get_model_builder(arch).__module__.rsplit(".", 1)[-1]
+    except ValueError:
+        return None
+
+
+def supported_models() -> list[str]:
+    return sorted(n for n in models.list_models(module=models) if family_name(n) in FAMILIES)
+
+
+def check_model(arch: str) -> str | None:
+    """Why --model ARCH cannot be used, or None."""
+    family = family_name(arch)
+    if family in FAMILIES:
+        return None
+    if family is not None:
+        return (f"{arch} is not supported: its forward pass does more than run its layers in order. Pick one "
+                f"of the families {', '.join(f.title for f in FAMILIES.values())} (see --list-models)")
+    import difflib
+
+    close = difflib.get_close_matches(arch, supported_models() + [TINY], n=3)
+    return f"unknown network {arch!r}" + (f" (did you mean {', '.join(close)}?)" if close else "") + \
+        "; --list-models lists them"
+
+
+def weights_entry(arch: str, weights: str):
+    """The torchvision weights enum entry that --weights names for ARCH (imagenet = its DEFAULT weights,
+    or an entry's name such as IMAGENET1K_V2), or None for none / PATH."""
+    if arch == TINY or weights == "none":
+        return None
+    entries = models.get_model_weights(arch)
+    if weights == "imagenet":
+        return entries.DEFAULT
+    return entries.__members__.get(weights)
+
+
+def weights_names(arch: str) -> list[str]:
+    return [] if arch == TINY else [w.name for w in models.get_model_weights(arch)]
+
+
+def check_weights(arch: str, weights: str) -> str | None:
+    """Why --weights cannot be used with --model ARCH, or None."""
+    if weights == "none" or Path(weights).is_file():
+        return None
+    if arch == TINY:
+        return f"{weights!r}: {TINY} has no pretrained weights; pass none or the PATH of a state_dict"
+    if weights_entry(arch, weights) is None:
+        return (f"{weights!r} is neither imagenet, none, one of {arch}'s weights "
+                f"({', '.join(weights_names(arch))}) nor an existing file")
+    return None
+
+
+def normalization(arch: str, weights: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the weights were trained with, from their metadata; ImageNet's for none and PATH."""
+    entry = weights_entry(arch, weights)
+    if entry is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    transform = entry.transforms()
+    return tuple(transform.mean), tuple(transform.std)
+
+
+def _vit_patch_size(arch: str) -> int:
+    with torch.device("meta"):  # no memory, no initialisation: only its settings are read
+        return models.get_model(arch).patch_size
+
+
+def check_image_size(arch: str, size: int) -> str | None:
+    """Why ARCH cannot take SIZE x SIZE images, or None. CNNs and Swin: at least the minimum size of the
+    weights' metadata (what their downsampling needs). ViT: any multiple of its patch size; pretrained
+    position embeddings are interpolated to it (torchvision's interpolate_embeddings)."""
+    if family_name(arch) == VIT:
+        patch = _vit_patch_size(arch)
+        if size % patch == 0:
+            return None
+        nearest = sorted({max(patch, size // patch * patch), (size // patch + 1) * patch})
+        return (f"{size} px does not fit {arch}, which takes multiples of its {patch} px patches ({patch}, "
+                f"{2 * patch}, ..., 224, ...): pass {' or '.join(map(str, nearest))}")
+    smallest = TINY_MIN_SIZE if arch == TINY else models.get_model_weights(arch).DEFAULT.meta["min_size"][0]
+    if size >= smallest:
+        return None
+    return f"{size} px is too small for {arch}, which takes {smallest} px or more: pass {smallest} or more"
+
+
+def describe_models() -> str:
+    """The --list-models table: every supported network, its default weights, the other weights and the
+    block that --freeze features trains."""
+    rows = [("network", "--weights imagenet (ImageNet top-1)", "other --weights", "min px",
+             "trained under --freeze features")]
+    for arch in supported_models():
+        default = models.get_model_weights(arch).DEFAULT
+        top1 = default.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+        others = [n for n in weights_names(arch) if n != default.name]
+        size = f"x{_vit_patch_size(arch)}" if family_name(arch) == VIT else str(default.meta["min_size"][0])
+        rows.append((arch + (" (default)" if arch == "vgg16" else ""),
+                     f"{default.name} ({top1:.1f}%)" if top1 else default.name, ", ".join(others) or "-", size,
+                     f"{FAMILIES[family_name(arch)].head} ({FAMILIES[family_name(arch)].title})"))
+    rows.append((TINY, "- (tests only)", "-", str(TINY_MIN_SIZE), "classifier (a small VGG stand-in)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    return "\n".join(lines + ["", "min px: the smallest --image-size (xN: multiples of the N px patches). "
+                                  "--weights NAME: one of the listed weights; none, or a PATH, also work."])
+
+
+# ---------------------------------------------------------------- the network
+
+
 class TransferNet(nn.Module):
-    def __init__(self, features: nn.Module, avgpool: nn.Module, classifier: nn.Sequential):
+    """A torchvision network split into its feature extractor (`embed`) and classifier block (`head`)."""
+
+    def __init__(self, net: nn.Module, head: str, map_head: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        self.features, self.avgpool, self.classifier = features, avgpool, classifier
+        for name, child in net.named_children():  # the same names: the same state_dict keys
+            self.add_module(name, child)
+        for name, param in net.named_parameters(recurse=False):  # ViT's class token
+            self.register_parameter(name, param)
+        if list(self._modules)[-1] != head:
+            raise ValueError(f"expected {head} as the last block, found {list(self._modules)}")
+        self.head_name, self.map_head = head, map_head
+        self.backbone_names = list(self._modules)[:-1]
+        self.mean, self.std = tuple(mean), tuple(std)  # the input normalisation of its weights
+        self.frozen_backbone = False
+
+    @property
+    def head(self) -> nn.Module:
+        return self._modules[self.head_name]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled, flattened backbone features (25088 per image for VGG16)."""
-        return torch.flatten(self.avgpool(self.features(x)), 1)
+        """The classifier block's input, flattened (25088 per image for VGG16, 2048 for ResNet-50)."""
+        for name in self.backbone_names:
+            x = self._modules[name](x)
+        return torch.flatten(x, 1)
 
     def forward(self, x: torch.Tensor, pooled: bool = False) -> torch.Tensor:
-        return self.classifier(x if pooled else self.embed(x))
+        features = x if pooled else self.embed(x)
+        return self.head(features[:, :, None, None] if self.map_head else features)
+
+    def train(self, mode: bool = True) -> "TransferNet":
+        """A frozen feature extractor stays in eval mode: its BatchNorm statistics do not drift and its
+        stochastic depth stays off, so it computes what the feature cache holds (VGG16's has neither)."""
+        super().train(mode)
+        if mode and self.frozen_backbone:
+            for name in self.backbone_names:
+                self._modules[name].eval()
+        return self
+
+
+class VisionTransformerNet(TransferNet):
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token's output (torchvision's VisionTransformer.forward without its heads)."""
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)  # N x patches x hidden
+        tokens = torch.cat([self.class_token.expand(len(x), -1, -1), tokens], dim=1)
+        return self.encoder(tokens)[:, 0]
 
 
 def _vgg_tiny(dropout: float) -> models.VGG:
@@ -44,6 +226,9 @@ def _vgg_tiny(dropout: float) -> models.VGG:
     return net
 
 
+# ---------------------------------------------------------------- weights
+
+
 def _dense_fp32(state: dict) -> dict:
     """Loaded tensors that can become parameters (load_state_dict(assign=True) keeps them as they are):
     float32, dense and contiguous, as the copy into a randomly initialised network would give."""
@@ -51,66 +236,109 @@ def _dense_fp32(state: dict) -> dict:
             for k, v in state.items()}
 
 
-def _load_state_dict(net: nn.Module, path: Path, arch: str) -> None:
+def _read_state_dict(path: Path) -> dict:
+    """A state_dict file from outside the run: safetensors, or a torch.save pickle read with
+    weights_only=True (a pickle that would run code is refused)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise WeightsError(f"--weights {path}: cannot be read as a safetensors file ({type(exc).__name__}). "
+                               "Save it with safetensors.torch.save_file(model.state_dict(), PATH).") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # a file from outside the run
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"--weights {path}: cannot be read as a PyTorch state_dict ({type(exc).__name__}). "
-                           f"Pass a file saved with torch.save(model.state_dict()), or imagenet / none.")
+                           f"Pass a file saved with torch.save(model.state_dict()), or imagenet / none.") from None
     if not isinstance(state, dict):
         raise WeightsError(f"--weights {path}: holds a {type(state).__name__}, not a state_dict. Save it with "
                            "torch.save(model.state_dict(), PATH).")
+    return state
+
+
+def _fit_position_embedding(net: nn.Module, state: dict) -> dict:
+    """A ViT's pretrained position embeddings, interpolated to the size this one is built for."""
+    key = "encoder.pos_embedding"
+    if key not in state or state[key].shape == net.encoder.pos_embedding.shape:
+        return state
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    return interpolate_embeddings(net.image_size, net.patch_size, {**state, key: state[key].float()})
+
+
+def _load_pretrained(net: nn.Module, arch: str, weights: str) -> None:
+    if problem := check_weights(arch, weights):
+        raise WeightsError(f"--weights {problem}")
+    entry = weights_entry(arch, weights)
+    if entry is not None:  # downloaded once into torch's hub cache, then read from there
+        state = entry.get_state_dict(progress=True, check_hash=True)
+    else:
+        state = _read_state_dict(Path(weights))
+    if family_name(arch) == VIT:
+        state = _fit_position_embedding(net, state)
     try:
         net.load_state_dict(_dense_fp32(state), assign=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         missing = len([line for line in str(exc).splitlines() if "Missing" in line or "size mismatch" in line])
-        raise WeightsError(f"--weights {path}: does not match torchvision's {arch} with its 1000-way head "
+        raise WeightsError(f"--weights {weights}: does not match torchvision's {arch} with its 1000-way head "
                            f"({'mismatched or missing keys' if missing else 'unexpected keys'}). Pass the "
                            f"state_dict of torchvision.models.{arch}(), or imagenet / none.") from None
 
 
-def _network(arch: str, dropout: float = 0.5) -> nn.Module:
-    """torchvision's network (or the test stand-in) with its 1000-way ImageNet head."""
-    return models.vgg16(dropout=dropout) if arch == "vgg16" else _vgg_tiny(dropout)
+def _new_last_layer(block: nn.Module, num_classes: int) -> nn.Module:
+    """The classifier block with its last Linear layer replaced by an N-way one (the block itself when it
+    is that layer, as ResNet's fc)."""
+    name, last = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)][-1]
+    new = nn.Linear(last.in_features, num_classes)
+    if not name:
+        return new
+    parent, _, attr = name.rpartition(".")
+    setattr(block.get_submodule(parent), attr, new)
+    return block
 
 
-@functools.cache
-def min_image_size(arch: str) -> int:
-    """The smallest --image-size the network accepts: found by running its backbone on the meta device
-    (shapes only, no compute) at growing sizes until its output is not empty. VGG16's five 2x2 max-pools
-    need 32 px; vgg_tiny's two need 4. Any network `_network` builds is covered."""
-    with torch.device("meta"):
-        net = _network(arch)
-    net.eval()
-    for size in range(1, 1025):
+def _skeleton(arch: str, dropout: float | None, image_size: int, on_meta: bool) -> nn.Module:
+    if arch == TINY:
+        return _vgg_tiny(0.5 if dropout is None else dropout)
+    options = {"image_size": image_size} if family_name(arch) == VIT else {}
+    if on_meta:
         try:
-            out = torch.flatten(net.avgpool(net.features(torch.empty(1, 3, size, size, device="meta"))), 1)
-        except RuntimeError:  # a pooling layer's output would be smaller than one pixel
-            continue
-        if out.numel() > 0:
-            return size
-    raise ValueError(f"{arch}: no input size up to 1024 px gives features")
+            with torch.device("meta"):
+                return models.get_model(arch, **options)
+        except NotImplementedError:  # RegNet computes its widths with tensors while it is built
+            pass
+    return models.get_model(arch, **options)
 
 
-def build_model(arch: str, num_classes: int, weights: str, freeze: str, dropout: float) -> TransferNet:
-    """`weights`: imagenet | none | PATH. With imagenet, call under `main_process_first()` so that one
-    process downloads the file and the others find it in torch's cache."""
-    if arch != "vgg16" and weights == "imagenet":
-        raise WeightsError("--weights imagenet exists only for --model vgg16; use none or a PATH.")
+def build_model(arch: str, num_classes: int, weights: str = "none", freeze: str = "features",
+                dropout: float | None = None, image_size: int = 224, from_checkpoint: bool = False) -> TransferNet:
+    """`weights`: imagenet (the network's DEFAULT weights) | an entry of its weights enum | none | PATH.
+    With imagenet, call under `main_process_first()` so that one process downloads the file and the others
+    find it in torch's cache. `dropout`: of the dropout layers in the classifier block (None: the network's
+    own). `from_checkpoint`: the parameters are about to be replaced by a checkpoint's: `weights` is not
+    loaded, only its normalisation kept."""
+    load = weights != "none" and not from_checkpoint
     # Weights about to be loaded need no random initialisation first (seconds of CPU for VGG16's 138M
     # parameters): build the skeleton on the meta device; the loaded tensors become its parameters.
-    with torch.device("meta") if weights != "none" else contextlib.nullcontext():
-        net = _network(arch, dropout)
-    if weights == "imagenet":
-        state = models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
-        net.load_state_dict(_dense_fp32(state), assign=True)
-    elif weights != "none":
-        _load_state_dict(net, Path(weights), arch)
-    net.classifier[6] = nn.Linear(net.classifier[6].in_features, num_classes)
-    model = TransferNet(net.features, net.avgpool, net.classifier)
+    net = _skeleton(arch, dropout, image_size, on_meta=load)
+    if load:
+        _load_pretrained(net, arch, weights)
+    family = FAMILIES[family_name(arch)]
+    net.add_module(family.head, _new_last_layer(getattr(net, family.head), num_classes))
+    if dropout is not None:
+        for layer in getattr(net, family.head).modules():
+            if isinstance(layer, nn.Dropout):
+                layer.p = dropout
+    mean, std = normalization(arch, weights)
+    model = (VisionTransformerNet if family_name(arch) == VIT else TransferNet)(net, family.head, family.map_head,
+                                                                             mean, std)
     if freeze == "features":
-        model.features.requires_grad_(False)
-    return model
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+        model.frozen_backbone = True
+    return model.train()  # train mode, with a frozen feature extractor in eval mode
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -2,7 +2,8 @@
 
 DIR is a run's output folder (its final model, `model/`, or else its newest checkpoint), the `model/`
 folder itself, or one `checkpoints/step_N` folder. The class names come from its classes.json and the
-network and image size from the run's config.json, so no dataset is needed. Images go through the same
+network, image size and normalisation from the run's config.json, so neither --model nor a dataset is
+needed. `tl_dist.load_model(DIR)` gives the same model to Python code (LoadedModel). Images go through the same
 decoding and resizing as training (data.load_image) and are batched; a file that cannot be read gets an
 error (on stderr, or as a JSON line with an `error` field) and the others go on.
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ import torch
 from tl_dist.checkpoint import CheckpointError, check_checkpoint, load_weights, read_classes
 from tl_dist.run_dir import CLASSES_FILE, CONFIG_FILE, FINAL_MODEL, WEIGHTS_FILE, RunDir
 from tl_dist.data import IMAGE_EXTENSIONS, _hidden, load_image, normalize
-from tl_dist.model import build_model
+from tl_dist.model import VisionTransformerNet, WeightsError, build_model, check_image_size
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -70,22 +72,72 @@ def read_run_config(model_dir: Path) -> dict:
     return {}
 
 
-def load_model(model_dir: Path, device: torch.device):
-    """(network in eval mode on `device`, class names, run config)."""
+@dataclass
+class LoadedModel:
+    """A fine-tuned network in eval mode and what it needs: its class names and its preprocessing
+    (images resized to `image_size` x `image_size`, then normalised with `mean` and `std`)."""
+    network: torch.nn.Module
+    arch: str  # its --model: vgg16, resnet50, ...
+    classes: list[str]
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    model_dir: Path  # the folder the weights came from
+    config: dict  # the run's config.json ({} when none was found)
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x S x S images (as `load_images` gives) -> the network's input, on its device."""
+        device = next(self.network.parameters()).device
+        return normalize(images.to(device), mean=self.mean, std=self.std)
+
+    def load_images(self, paths) -> torch.Tensor:
+        """Image files -> uint8 N x 3 x S x S, decoded and resized as in training."""
+        return torch.stack([torch.from_numpy(load_image(p, self.image_size)).permute(2, 0, 1) for p in paths])
+
+    @torch.inference_mode()
+    def predict(self, paths) -> torch.Tensor:
+        """Class probabilities (N x classes) of image files."""
+        return torch.softmax(self.network(self.inputs(self.load_images(paths))).float(), dim=1)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A fine-tuned model from a run folder (its final model, else its newest checkpoint), its model/
+    folder, or one checkpoints/step_N folder, on `device`. The network, image size and normalisation are
+    the ones the run recorded in its config.json."""
+    model_dir = resolve_model_dir(Path(path))
     if not (model_dir / CLASSES_FILE).is_file():
         raise CheckpointError(f"--checkpoint {model_dir}: has no {CLASSES_FILE}, so the class names are "
                               "unknown. Pass a folder written by tl_dist.train.")
     classes = read_classes(model_dir)
     config = read_run_config(model_dir)
+    arch = config.get("model") or _guess_vgg(model_dir)
+    image_size = config.get("image_size") or DEFAULT_IMAGE_SIZE
+    weights = config.get("weights", "none")
+    model = build_model(arch, len(classes), weights, "none", config.get("dropout"), image_size=image_size,
+                        from_checkpoint=True)
+    load_weights(model, model_dir)
+    # The recorded normalisation; runs that did not record it were trained with ImageNet's (model.mean).
+    mean, std = tuple(config.get("mean") or model.mean), tuple(config.get("std") or model.std)
+    model.mean, model.std = mean, std
+    return LoadedModel(model.eval().to(device), arch, classes, image_size, mean, std, model_dir, config)
+
+
+def image_size_problem(model: LoadedModel, size: int) -> str | None:
+    """Why the model cannot take SIZE x SIZE images, or None: a ViT's position embeddings were built for
+    the size it was trained at."""
+    if isinstance(model.network, VisionTransformerNet) and size != model.image_size:
+        return f"this ViT was trained at {model.image_size} px and takes only that size"
+    return check_image_size(model.arch, size)
+
+
+def _guess_vgg(model_dir: Path) -> str:
+    """A model folder without a config.json (copied out of its run): VGG16 (13 conv layers, the last is
+    features.28) or the tiny stand-in, the only networks of tl_dist before it recorded its network."""
     from safetensors import safe_open
 
     with safe_open(str(model_dir / WEIGHTS_FILE), "pt") as weights:
-        # VGG16's features have 13 conv layers (the last is features.28); the tiny stand-in has 2.
         deep = any(k.removeprefix("module.").startswith("features.28.") for k in weights.keys())
-    arch = config.get("model") or ("vgg16" if deep else "vgg_tiny")
-    model = build_model(arch, len(classes), "none", "none", config.get("dropout", 0.5))
-    load_weights(model, model_dir)
-    return model.eval().to(device), classes, config
+    return "vgg16" if deep else "vgg_tiny"
 
 
 # ---------------------------------------------------------------- the inputs
@@ -121,7 +173,7 @@ def read_image(path: Path, image_size: int) -> tuple[torch.Tensor | None, str | 
 
 
 @torch.inference_mode()
-def predict(model, paths: list[Path], image_size: int, device: torch.device, top_k: int, batch_size: int):
+def predict(model: LoadedModel, paths: list[Path], image_size: int, top_k: int, batch_size: int):
     """Yields one result dict per path, in order: {"file", "top_k": [{"class", "probability"}]} or
     {"file", "error"}. Decoding is threaded (PIL releases the GIL); the forward pass runs per batch."""
     with ThreadPoolExecutor(max(1, min(8, torch.get_num_threads()))) as pool:
@@ -130,8 +182,7 @@ def predict(model, paths: list[Path], image_size: int, device: torch.device, top
             decoded = list(pool.map(lambda p: read_image(p, image_size), chunk))
             good = [img for img, _ in decoded if img is not None]
             if good:
-                x = normalize(torch.stack(good).to(device))
-                probs = torch.softmax(model(x).float(), dim=1)
+                probs = torch.softmax(model.network(model.inputs(torch.stack(good))).float(), dim=1)
                 top = probs.topk(top_k, dim=1)
                 values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
             row = 0
@@ -154,22 +205,24 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     try:
-        model_dir = resolve_model_dir(Path(args.checkpoint))
-        model, classes, config = load_model(model_dir, device)
-    except CheckpointError as exc:
+        model = load_model(args.checkpoint, device)
+    except (CheckpointError, WeightsError) as exc:
         parser.error(str(exc).replace("--resume", "--checkpoint"))
-    image_size = args.image_size or config.get("image_size") or DEFAULT_IMAGE_SIZE
+    model_dir, classes, config = model.model_dir, model.classes, model.config
+    if args.image_size and (problem := image_size_problem(model, args.image_size)):
+        parser.error(f"argument --image-size: {problem}")
+    image_size = args.image_size or model.image_size
     top_k = min(args.top_k, len(classes))
     paths = expand_inputs(args.inputs)
     info = sys.stderr
-    print(f"model: {model_dir} ({config.get('model', 'unknown network')}, {len(classes)} classes, "
+    print(f"model: {model_dir} ({model.arch}, {len(classes)} classes, "
           f"{image_size} px) on {device}; {len(paths)} image(s)", file=info)
     if not config:
         print(f"warning: no config.json found for {model_dir}; assuming {image_size} px images "
               "(set --image-size)", file=info)
 
     failed = 0
-    for result in predict(model, paths, image_size, device, top_k, args.batch_size):
+    for result in predict(model, paths, image_size, top_k, args.batch_size):
         failed += "error" in result
         if args.json:
             if "top_k" in result:

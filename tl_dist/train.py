@@ -228,13 +228,15 @@ def split_rows(cfg: Config, index: ImageIndex, rows: list[int]) -> list[list[int
     return [[train[p] for p in keep_pos], [train[p] for p in val_pos], test]
 
 
-def image_batches(cfg: Config, accelerator: Accelerator, images: CachedImages, sampler=None) -> Batches:
-    """uint8 images from the cache, normalised on the device: the training batches (our sampler) or
-    evaluation batches (sequential, sharded by Accelerate's `prepare`)."""
+def image_batches(cfg: Config, accelerator: Accelerator, images: CachedImages, model, sampler=None) -> Batches:
+    """uint8 images from the cache, normalised on the device as `model`'s weights expect: the training
+    batches (our sampler) or evaluation batches (sequential, sharded by Accelerate's `prepare`)."""
     on_gpu = accelerator.device.type == "cuda"
     workers = cfg.num_workers if cfg.num_workers >= 0 else (min(8, torch.get_num_threads()) if on_gpu else 0)
     loader = make_loader(images, sampler, batch_size=cfg.batch_size, num_workers=workers, pin_memory=on_gpu)
-    return Batches(loader if sampler is not None else accelerator.prepare(loader), False, cfg.channels_last)
+    net = accelerator.unwrap_model(model)
+    return Batches(loader if sampler is not None else accelerator.prepare(loader), False, cfg.channels_last,
+                   mean=net.mean, std=net.std)
 
 
 def build_feature_store(cfg: Config, accelerator: Accelerator, console: RunConsole, model,
@@ -279,8 +281,8 @@ def compute_features(cfg: Config, accelerator: Accelerator, console: RunConsole,
     tic = time.perf_counter()
     try:
         with stop_on_signals("computing backbone features"):  # nothing to save yet: main() exits 75
-            extract_features(accelerator, model, image_batches(cfg, accelerator, data.images(rows.tolist())),
-                             write, console, "features")
+            images = image_batches(cfg, accelerator, data.images(rows.tolist()), model)
+            extract_features(accelerator, model, images, write, console, "features")
         seconds = time.perf_counter() - tic
         if array is not None:
             store.publish(array, dtype, seconds)
@@ -304,11 +306,12 @@ def feature_batches(cfg: Config, accelerator: Accelerator, store: FeatureStore, 
 # ---------------------------------------------------------------- the network and the optimizer
 
 
-def build_network(cfg: Config, num_classes: int, weights: str) -> torch.nn.Module:
-    """The network with its new head (`weights`: imagenet | none | PATH), in channels_last and compiled when
-    asked. With imagenet, every process of a node but one waits for that one's download."""
+def build_network(cfg: Config, num_classes: int, from_checkpoint: bool = False) -> torch.nn.Module:
+    """The network with its new head, in channels_last and compiled when asked. --weights imagenet or NAME
+    is downloaded (call under `local_main_process_first()`), unless a checkpoint brings the weights."""
     set_seed(cfg.seed)  # the same new head on every process
-    model = build_model(cfg.model, num_classes, weights, cfg.freeze, cfg.dropout)
+    model = build_model(cfg.model, num_classes, cfg.weights, cfg.freeze, cfg.dropout, image_size=cfg.image_size,
+                        from_checkpoint=from_checkpoint)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
@@ -370,7 +373,7 @@ class FineTune:
         load_weights(self.model, plan.checkpoint)
         self.model = self.accelerator.prepare(self.model)
         self.test_images = self.data.images(self.data.test_rows)
-        self.test_batches = image_batches(self.cfg, self.accelerator, self.test_images)
+        self.test_batches = image_batches(self.cfg, self.accelerator, self.test_images, self.model)
         metrics, outputs = evaluate(self.accelerator, self.model, self.test_batches, self.data.index.classes,
                                    self.console)
         report = build_report(outputs, self.data.index.classes)
@@ -437,9 +440,8 @@ class FineTune:
         return configure_threads(self.cfg, self.accelerator)
 
     def _build_model(self, plan: ResumePlan):
-        weights = "none" if plan.checkpoint else self.cfg.weights  # a checkpoint brings its own
         with self.accelerator.local_main_process_first():  # one download of the ImageNet weights per node
-            return build_network(self.cfg, len(self.data.index.classes), weights)
+            return build_network(self.cfg, len(self.data.index.classes), from_checkpoint=plan.checkpoint is not None)
 
     def _write_run_start(self) -> None:
         data, run_dir = self.data, self.run_dir
@@ -475,9 +477,9 @@ class FineTune:
         self.feature_cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features")
         self.feature_seconds, self.feature_store, self.val_batches = None, None, None
         if not self.feature_cache:
-            self.train_batches = image_batches(cfg, accelerator, self.train_images, self.sampler)
-            self.test_batches = image_batches(cfg, accelerator, self.test_images)
-            self.val_batches = val_images and image_batches(cfg, accelerator, val_images)
+            self.train_batches = image_batches(cfg, accelerator, self.train_images, self.model, self.sampler)
+            self.test_batches = image_batches(cfg, accelerator, self.test_images, self.model)
+            self.val_batches = val_images and image_batches(cfg, accelerator, val_images, self.model)
             return
         store, self.feature_seconds = build_feature_store(cfg, accelerator, self.console, self.model, data)
         self.feature_store = store.array_path
@@ -497,7 +499,8 @@ class FineTune:
             "test_samples": len(data.test_rows), "device": str(accelerator.device),
             "mixed_precision_resolved": accelerator.mixed_precision, "feature_cache": self.feature_cache,
             "steps_per_epoch": self.sampler.steps_per_epoch, "output_dir_resolved": str(self.run_dir),
-            "cpu_threads": torch.get_num_threads()}
+            "cpu_threads": torch.get_num_threads(), "mean": list(accelerator.unwrap_model(self.model).mean),
+            "std": list(accelerator.unwrap_model(self.model).std)}
         self.tracker.start(wandb_run(cfg, default_name=self.run_dir.path.name), self.run_config)
         if accelerator.is_main_process:
             write_json(self.run_dir.config, self.run_config)

@@ -10,8 +10,9 @@ TL_DIST_TEST_AUDIT=DIR          log every file or folder this process creates, w
                                 DIR/exit-<rank>.log
 TL_DIST_TEST_SKEW_CLOCKS=1      process r's local time runs r hours ahead (its time zone), so that any
                                 date-time folder name chosen by each process on its own would differ
-TL_DIST_TEST_FAKE_HUB=LOG       torch.hub "downloads" write a tiny stand-in VGG16 state_dict instead of
-                                going to the network, after appending a line to LOG and waiting a second
+TL_DIST_TEST_FAKE_HUB=LOG       torch.hub "downloads" write a tiny stand-in state_dict of the network whose
+                                torchvision weights have that URL (VGG16's, ViT's, ...) instead of going to
+                                the network, after appending a line to LOG and waiting a second
 
 kagglehub/ beside this file is a stand-in for the Kaggle download client, for the same tests.
 """
@@ -68,10 +69,13 @@ if _rank is not None and os.environ.get("TL_DIST_TEST_FAKE_HUB"):
         with open(os.environ["TL_DIST_TEST_FAKE_HUB"], "a") as log:
             log.write(f"rank {_rank} pid {os.getpid()} {url}\n")
         time.sleep(1.0)  # a slow download: processes that do not wait would start their own meanwhile
-        from torchvision.models import vgg16
+        from torchvision import models
 
+        # The network whose weights live at this URL (vgg16 for the article's), built without memory.
+        arch = next(name for name in models.list_models(module=models)
+                    if any(w.url == url for w in models.get_model_weights(name)))
         with torch.device("meta"):
-            shapes = {k: v.shape for k, v in vgg16().state_dict().items()}
+            shapes = {k: v.shape for k, v in models.get_model(arch).state_dict().items()}
         # One stored number per tensor, expanded: a few bytes on disk, a VGG16 state_dict when loaded.
         state = {k: torch.full((1,), 1.0 / max(1, s[1:].numel()) if k.endswith("weight") else 0.0).expand(s)
                  for k, s in shapes.items()}
