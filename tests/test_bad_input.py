@@ -245,10 +245,11 @@ ERROR_CASES = {
     "no classes": (_folder_without_classes, "no class folders", True, 1),
     "one class": (_one_class, "only one class folder with images", True, 1),
     "weights not vgg16": (_weights_of_another_network, "does not match torchvision's vgg16", False, 1),
-    "resume not a checkpoint": (_not_a_checkpoint, "not a tl_dist checkpoint", True, 1),
+    "resume not a checkpoint": (_not_a_checkpoint, "not a usable tl_dist checkpoint", True, 1),
     "too many workers": (_too_many_workers, f"--num-workers: 1000 is more than the {usable_cores()} CPU core",
                          False, 2),
-    "image too small for vgg16": (_image_too_small_for_vgg16, "vgg16 needs images of at least 32 x 32", False, 2),
+    "image too small for vgg16": (_image_too_small_for_vgg16, "31 px is too small for vgg16, which takes 32 px",
+                                  False, 2),
     "data dir is a file": (_data_dir_is_a_file, "caltech-101.zip is a file, not a folder", False, 2),
     "output dir is a file": (_output_dir_is_a_file, "run is a file, not a folder", False, 2),
 }

@@ -366,8 +366,7 @@ class FineTune:
     def evaluate_only(self) -> int:
         """--eval-only: evaluate a saved model on the run's split. It only reads the run; its results go to
         eval/<model>/ in the run folder, so a finished run's metrics and report stay as they are."""
-        plan, self.cfg = plan_resume(self.cfg, self.saved, self.run_dir, self.accelerator.num_processes,
-                                     gradient_accumulation(self.cfg), self.accelerator.mixed_precision, self.console.warn)
+        plan = self._plan_resume()
         self.data = prepare_data(self.cfg, self.accelerator, self.console, self.run_dir, self._threads())
         self.model = self._build_model(plan)
         load_weights(self.model, plan.checkpoint)
@@ -396,9 +395,7 @@ class FineTune:
     # ---- setup
     def _setup(self) -> ResumePlan:
         self._claim_run_dir()
-        plan, self.cfg = plan_resume(self.cfg, self.saved, self.run_dir, self.accelerator.num_processes,
-                                     gradient_accumulation(self.cfg), self.accelerator.mixed_precision,
-                                     self.console.warn)
+        plan = self._plan_resume()
         if plan.finished:
             return plan
         if plan.note:
@@ -414,6 +411,13 @@ class FineTune:
             self.console.print(f"resumed from {plan.checkpoint} at epoch {self.state.epoch + 1}, step "
                                f"{self.state.global_step}")
         self._setup_tracking()
+        return plan
+
+    def _plan_resume(self) -> ResumePlan:
+        """What a --resume continues or evaluates; the options adjusted to it (the per-process batch)."""
+        plan, self.cfg = plan_resume(self.cfg, self.saved, self.run_dir, self.accelerator.num_processes,
+                                     gradient_accumulation(self.cfg), self.accelerator.mixed_precision,
+                                     self.console.warn)
         return plan
 
     def _run_dir_name(self) -> str:
@@ -507,7 +511,8 @@ class FineTune:
         self.console.print(
             f"{len(data.index.classes)} classes, {len(data.train_rows)} train / "
             + (f"{len(data.val_rows)} validation / " if data.val_rows else "") + f"{len(data.test_rows)} test images; "
-            f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {accelerator.mixed_precision}; "
+            f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+            f"precision {accelerator.mixed_precision}; "
             f"global batch {self.sampler.global_batch} ({cfg.batch_size} per process"
             + (f" x {gradient_accumulation(cfg)} accumulation steps" if gradient_accumulation(cfg) > 1 else "")
             + f"), lr {self.lr:g}; run folder {self.run_dir}")
@@ -579,7 +584,8 @@ class FineTune:
 
     def _train_numbers(self) -> dict:
         state = self.state
-        return {"epoch_loss": state.epoch_losses, "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
+        return {"epoch_loss": state.epoch_losses,
+                "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
                 "seconds": state.train_seconds, "global_step": state.global_step,
                 "global_batch_size": self.sampler.global_batch, "lr": self.lr,
                 "num_processes": self.accelerator.num_processes, "skipped_steps": state.skipped_steps}
