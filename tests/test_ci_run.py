@@ -34,8 +34,8 @@ def run_ci(tmp_path: Path, apt_get: str | None) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason=".ci/run installs the tools only as root (CI runs as root)")
 @pytest.mark.parametrize("apt_get, says", [
-    (None, "no apt-get to install slurm-wlm, munge and shellcheck"),
-    ("failing", "apt-get could not install slurm-wlm, munge and shellcheck"),
+    (None, "no apt-get to install slurm-wlm, munge, shellcheck and fonts-noto-cjk"),
+    ("failing", "apt-get could not install slurm-wlm, munge, shellcheck and fonts-noto-cjk"),
     ("installing nothing", "slurmctld slurmd munged shellcheck still not found")])
 def test_ci_fails_when_the_test_tools_cannot_be_installed(tmp_path, apt_get, says):
     proc = run_ci(tmp_path, apt_get)

@@ -114,7 +114,8 @@ def test_ties_in_top5_are_ranked_by_class_index():
 def test_split_logits(run_dir: Path, data_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
     """Logits of the run's test split from its saved model/, the images decoded here (data.load_image,
     as training does), labels from each file's class folder."""
-    model, classes, config = load_model(Path(run_dir) / "model", torch.device("cpu"))
+    loaded = load_model(Path(run_dir) / "model")
+    model, classes, config = loaded.network, loaded.classes, loaded.config
     split = json.loads((Path(run_dir) / "split.json").read_text())
     root = find_image_root(data_dir)
     images = torch.stack([torch.from_numpy(load_image(root / f, config["image_size"])).permute(2, 0, 1)

@@ -80,8 +80,13 @@ def check_checkpoint(folder: Path, option: str = "--resume") -> None:
             "--resume auto (it falls back to the newest checkpoint that verifies), or another step_N folder.")
 
 
-def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: list[str], keep: int) -> Path:
-    """Called by every process. Returns the complete checkpoint folder."""
+SAVE_STEPS = 3  # written, checked, in place: what `on_step` counts
+
+
+def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: list[str], keep: int,
+                    on_step=lambda: None) -> Path:
+    """Called by every process. Returns the complete checkpoint folder. `on_step()` is called after each of
+    its SAVE_STEPS steps (progress)."""
     run_dir = RunDir.of(run_dir)
     final = run_dir.checkpoints / f"step_{state.global_step}"
     tmp = run_dir.checkpoints / f".tmp-step_{state.global_step}"
@@ -91,6 +96,7 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: li
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     _all_or_nothing(accelerator, run_dir, tmp, lambda: accelerator.save_state(str(tmp)))
+    on_step()
     # Never keep NaN weights: read back what was written (the weights are the same on every process).
     bad = nonfinite_tensors(load_file(str(tmp / WEIGHTS_FILE))) if accelerator.is_main_process else []
     bad = broadcast_object_list([bad])[0]
@@ -98,6 +104,7 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: li
         if accelerator.is_main_process:
             shutil.rmtree(tmp)
         raise _diverged(state.global_step, bad, run_dir.latest())
+    on_step()
 
     def finish():
         if accelerator.is_main_process:
@@ -106,6 +113,7 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: li
             write_manifest(tmp)  # last: a folder whose files match it is complete and undamaged
             exchange(tmp, final)  # a checkpoint saved at this step before (a stop right after a resume)
     _all_or_nothing(accelerator, run_dir, tmp, finish)
+    on_step()
     if accelerator.is_main_process:  # prune; folders numbered above this step (damaged, say) are left alone
         older = [f for f in run_dir.checkpoint_folders() if int(f.name[5:]) <= state.global_step]
         for stale in older[:-keep]:

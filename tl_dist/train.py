@@ -18,7 +18,6 @@ if __name__ == "__main__" and not __package__:
 
 import contextlib  # noqa: E402
 import ctypes  # noqa: E402
-import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import importlib.util  # noqa: E402
 import math  # noqa: E402
@@ -33,7 +32,7 @@ from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
 from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelKwargs,  # noqa: E402
                               GradientAccumulationPlugin, broadcast_object_list, gather_object, set_seed)
 
-from tl_dist.checkpoint import (CheckpointError, TrainState, check_checkpoint, load_weights,  # noqa: E402
+from tl_dist.checkpoint import (SAVE_STEPS, CheckpointError, TrainState, load_weights,  # noqa: E402
                                 save_checkpoint, save_final_model)
 from tl_dist.config import DEFAULT_DATA_DIR, Config, build_parser, parse_args  # noqa: E402
 from tl_dist.console import RunConsole  # noqa: E402
@@ -552,8 +551,9 @@ class FineTune:
                            f"{scores['accuracy']:.2%}")
 
     def _save_checkpoint(self) -> None:
-        folder = save_checkpoint(self.accelerator, self.run_dir, self.state, self.data.index.classes,
-                                 self.cfg.keep_checkpoints)
+        with self.console.phase("saving checkpoint", SAVE_STEPS, unit="steps") as progress:
+            folder = save_checkpoint(self.accelerator, self.run_dir, self.state, self.data.index.classes,
+                                     self.cfg.keep_checkpoints, on_step=progress.advance)
         self.console.print(f"checkpoint: {folder}")
 
     def _evaluate_save_report(self) -> None:
