@@ -10,7 +10,6 @@ scaler finds non-finite gradients and skips the step, and Accelerate reports it.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from accelerate import Accelerator
 
