@@ -307,13 +307,18 @@ def plan_sweep(sweep: Sweep, output_dir: Path, train_argv: list[str], runs: int 
     return Plan(sweep, output_dir, configs, folders, argvs, cfgs)
 
 
-def is_finished(folder: Path, cfg: Config) -> bool:
-    """The folder holds this configuration's finished run: its final model verifies, its metrics are
-    written, and its config.json agrees on what defines the run and on its length."""
+def run_finished(folder: Path) -> bool:
+    """The folder holds a finished run: its metrics are written and its final model verifies."""
     run_dir = RunDir(folder)
-    if not (run_dir.metrics.is_file() and run_dir.config.is_file() and verify(run_dir.final_model) is None):
+    return run_dir.metrics.is_file() and run_dir.config.is_file() and verify(run_dir.final_model) is None
+
+
+def is_finished(folder: Path, cfg: Config) -> bool:
+    """The folder holds this configuration's finished run: finished, and its config.json agrees on what
+    defines the run and on its length (else tl_dist.train's --resume auto extends it or says why not)."""
+    if not run_finished(folder):
         return False
-    saved = read_json(run_dir.config)
+    saved = read_json(RunDir(folder).config)
     keys = set(RUN_DEFINING) | {"epochs", "max_steps", "val_fraction"}
     return all(saved[k] == getattr(cfg, k) for k in keys if k in saved and hasattr(cfg, k))
 
@@ -409,10 +414,10 @@ class Row:
 def collect(plan: Plan, session: dict[int, str] | None = None) -> list[Row]:
     """One row per configuration, from its run folder (and this session's exit codes)."""
     rows = []
-    for i, (folder, cfg) in enumerate(zip(plan.folders, plan.cfgs)):
+    for i, folder in enumerate(plan.folders):
         status = (session or {}).get(i)
         if status is None:
-            status = ("finished" if is_finished(folder, cfg) else "unfinished" if RunDir(folder).holds_run()
+            status = ("finished" if run_finished(folder) else "unfinished" if RunDir(folder).holds_run()
                       else "not run")
         rows.append(Row(i, folder, plan.configs[i], status, run_metrics(folder) if status == "finished" else {}))
     return rows
@@ -426,7 +431,7 @@ def rank(sweep: Sweep, rows: list[Row]) -> tuple[str, str, str | None]:
     finished = [r for r in rows if r.metrics]
     if metric != TRAIN_LOSS and not (finished and all(metric in r.metrics for r in finished)):
         metric, goal = TRAIN_LOSS, "minimize"
-    if metric == TRAIN_LOSS:
+    if metric == TRAIN_LOSS and finished:
         note = WEAK_RANKING
     ranked = sorted((r for r in finished if metric in r.metrics),
                     key=lambda r: -r.metrics[metric] if goal == "maximize" else r.metrics[metric])
