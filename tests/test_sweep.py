@@ -20,6 +20,7 @@ from tl_dist import sweep as sw
 
 GRID = """\
 name: lr-epochs
+program: tl_dist/train.py
 method: grid
 metric: {name: val/accuracy, goal: maximize}
 parameters:
@@ -245,6 +246,45 @@ def test_random_draws_are_fixed_by_the_seed_and_stay_in_their_bounds(tmp_path):
     plan = sw.plan_sweep(sweep, tmp_path / "out", ["--seed", "1"], None)
     assert plan.configs == other
     assert plan.folders[0].name.startswith("00-lr=") and "lr_schedule=" in plan.folders[0].name
+
+
+# ---------------------------------------------------------------- the same file under `wandb agent`
+
+BOTH = """\
+name: both
+program: tl_dist/train.py
+method: grid
+metric: {name: val/loss, goal: minimize}
+parameters:
+  lr: {values: [0.01, 0.001]}
+  image-size: {values: [32, 64]}
+  lr-schedule: {value: cosine}
+"""
+
+
+def test_a_configuration_reaches_tl_dist_train_the_same_through_wandb_agent(tmp_path):
+    """W&B's agent turns a configuration into `${env} ${interpreter} ${program} ${args}` (its own code,
+    wandb.sdk.launch.sweeps.utils, run here without a server): tl_dist.train parses that command line into
+    the same options as the sweep's runs get."""
+    from wandb.sdk.launch.sweeps.utils import DEFAULT_SWEEP_COMMAND, create_sweep_command_args, load_sweep_config
+
+    from tl_dist.config import parse_args
+
+    sweep_file = tmp_path / "both.yaml"
+    sweep_file.write_text(BOTH)
+    spec = load_sweep_config(str(sweep_file))
+    plan = sw.plan_sweep(sw.read_sweep(sweep_file), tmp_path / "out", [], None)
+    assert len(plan.configs) == 4 and (plan.sweep.metric, plan.sweep.goal) == ("val/loss", "minimize")
+    for config, cfg in zip(plan.configs, plan.cfgs):
+        as_written = {name: config[name.replace("-", "_")] for name in spec["parameters"]}
+        args = create_sweep_command_args({"args": {k: {"value": v} for k, v in as_written.items()}})["args"]
+        assert DEFAULT_SWEEP_COMMAND[-2:] == ["${program}", "${args}"] and spec["program"] == "tl_dist/train.py"
+        agent = parse_args(args)  # what `python tl_dist/train.py --lr=0.01 --image-size=32 ...` parses to
+        assert (agent.lr, agent.image_size, agent.lr_schedule) == (cfg.lr, cfg.image_size, cfg.lr_schedule)
+    # Why multi-word names need dashes in a file for both: the agent passes them as written.
+    (underscored,) = create_sweep_command_args({"args": {"image_size": {"value": 32}}})["args"]
+    with pytest.raises(SystemExit):
+        parse_args([underscored])
 
 
 # ---------------------------------------------------------------- bad sweep files
