@@ -1,7 +1,8 @@
 """Sweeps (`python -m tl_dist.sweep`): a W&B sweep file's grid run as real training processes, one run folder
 each, summary.csv ranked by the sweep's metric (test accuracy beside it, never ranking), W&B runs grouped
 under the sweep's name, finished configurations skipped and unfinished ones continued when the sweep runs
-again (there on 2 processes, under accelerate launch), random draws fixed by --seed, and one `error:` line
+again (there on 2 processes, under accelerate launch) and after a SIGTERM that stopped the sweep, random
+draws fixed by --seed, the same configurations through `wandb agent`'s command line, and one `error:` line
 for every bad sweep file."""
 
 from __future__ import annotations
@@ -9,13 +10,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import wandb_reader
-from conftest import make_image_tree, read_metrics, run_module
+from conftest import REPO, make_image_tree, read_metrics, run_env, run_module
 from tl_dist import sweep as sw
 
 GRID = """\
@@ -157,6 +163,39 @@ def test_a_second_sweep_skips_finished_runs_and_continues_the_others(grid_sweep,
     assert len(started["train"]["epoch_loss"]) == 2
     rows = read_summary(copy)
     assert sorted(r["status"] for r in rows) == ["finished"] * 4 and sorted(r["rank"] for r in rows) == list("1234")
+
+
+def test_sigterm_stops_the_sweep_with_a_checkpoint_and_the_same_command_continues(tmp_path):
+    """SIGTERM to the sweep while its first run trains: that run checkpoints and exits 75, the sweep starts
+    nothing more and exits 75; the same command then resumes the run from its checkpoint and runs the rest."""
+    data = make_image_tree(tmp_path / "data")
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("name: stop\nmethod: grid\nparameters:\n  lr: {values: [0.05, 0.02]}\n")
+    out = tmp_path / "sweep"
+    args = sweep_args(sweep_file, out, data, tmp_path / "cache", "--epochs", "4", "--freeze", "none",
+                      "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--wandb-mode", "disabled",
+                      "--log-every", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "tl_dist.sweep", *args], cwd=REPO, env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = out / "00-lr=0.05"
+    deadline = time.monotonic() + 300
+    while not list((first / "checkpoints").glob("step_*/train_state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    printed = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, printed[-3000:]
+    assert "[1/2] 00-lr=0.05: stopped" in printed and "the sweep stopped; run the same command again" in printed
+    assert "[2/2]" not in printed and not (out / "01-lr=0.02").exists()
+    stopped = int(re.search(r"saving\s+a\s+checkpoint\s+at\s+step\s+(\d+)", printed).group(1))
+    assert 5 <= stopped < 32 and not (first / "model").exists() and not (first / "STOP").exists()
+
+    again = run_module(args, module="tl_dist.sweep")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[1/2] 00-lr=0.05: continuing" in again.stdout and "[2/2] 01-lr=0.02: starting" in again.stdout
+    assert re.search(rf"resumed\s+from\s+\S*00-lr=0.05/checkpoints/step_{stopped}\s", again.stdout)
+    assert [read_metrics(out / name)["train"]["global_step"] for name in ("00-lr=0.05", "01-lr=0.02")] == [32, 32]
+    assert [r["status"] for r in read_summary(out)] == ["finished", "finished"]
 
 
 # ---------------------------------------------------------------- ranking, without training

@@ -28,7 +28,6 @@ import dataclasses
 import io
 import itertools
 import math
-import os
 import random
 import re
 import signal
@@ -341,24 +340,31 @@ def launcher(num_processes: int, accelerate_config: Path, cfg: Config) -> list[s
             "--mixed_precision", precision, str(REPO / "tl_dist" / "train.py")]
 
 
-def run_child(cmd: list[str]) -> tuple[int, bool]:
-    """Run one training process; SIGTERM/SIGUSR1 sent to the sweep go to it (it checkpoints and exits 75),
-    and Ctrl-C, which the terminal sends to both, stops the sweep after it. Returns (exit code, stop)."""
+def run_child(cmd: list[str], run_dir: RunDir) -> tuple[int, bool]:
+    """Run one training process. SIGTERM or SIGUSR1 sent to the sweep touch the run's STOP file (which
+    reaches every process, also under accelerate launch, whose launcher does not pass SIGUSR1 on) and
+    SIGTERM goes to the process too: the run checkpoints and exits 75. Ctrl-C, which the terminal sends to
+    both, reaches the run by itself. Any of them stops the sweep after this run. Returns (exit code, stop)."""
     stop = False
+    run_dir.stop_file.unlink(missing_ok=True)  # a leftover would stop the run at once
     child = subprocess.Popen(cmd)
 
-    def forward(signum, frame):
+    def on_signal(signum, frame):
         nonlocal stop
         stop = True
         if signum != signal.SIGINT:
+            run_dir.path.mkdir(parents=True, exist_ok=True)
+            run_dir.stop_file.touch()
+        if signum == signal.SIGTERM:
             child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     try:
         return child.wait(), stop
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        run_dir.stop_file.unlink(missing_ok=True)
 
 
 def run_sweep(plan: Plan, indices: list[int], num_processes: int, accelerate_config: Path,
@@ -373,7 +379,7 @@ def run_sweep(plan: Plan, indices: list[int], num_processes: int, accelerate_con
             continue
         print_line(f"[{i + 1}/{len(plan.configs)}] {folder.name}: "
                    + ("continuing" if RunDir(folder).holds_run() else "starting") + f" in {folder}")
-        code, stop = run_child(launcher(num_processes, accelerate_config, cfg) + plan.argvs[i])
+        code, stop = run_child(launcher(num_processes, accelerate_config, cfg) + plan.argvs[i], RunDir(folder))
         if code != 0:
             statuses[i] = "stopped" if code == EXIT_STOPPED else f"failed (exit {code})"
             print_line(f"[{i + 1}/{len(plan.configs)}] {folder.name}: {statuses[i]}")
