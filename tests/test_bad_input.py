@@ -17,6 +17,7 @@ import torch
 from conftest import REPO, make_image_tree, run_env, tiny_args
 from PIL import Image
 
+from tl_dist.config import usable_cores
 from tl_dist.data import DataError, ImageCache, download_caltech101, index_images, load_image
 
 UNDECODABLE = ["class_00/empty.jpg", "class_00/text.jpg", "class_01/truncated.jpg", "class_01/corrupt.jpg"]
@@ -165,11 +166,13 @@ def test_very_large_images_are_kept(tmp_path, monkeypatch):
     for i in range(8):
         Image.new("RGB", (40, 40), (10, 20, 30)).save(root / "a" / f"large_{i}.png")  # 1,600 px: a warning
     Image.new("RGB", (50, 50), (10, 20, 30)).save(root / "a" / "bomb.png")  # 2,500 px: an error
+    (root / "b").mkdir()  # a second class: a dataset needs two
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(root / "b" / "small.png")
     with pytest.warns(Image.DecompressionBombWarning):
         Image.open(root / "a" / "large_0.png")
     index = index_images(root)
     cache = ImageCache(tmp_path / "cache", index, 8)
-    tmp = cache.create_tmp("test")
+    tmp = cache.create_tmp()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bad = cache.fill(tmp, range(len(index)), threads=4)
@@ -209,49 +212,91 @@ def _not_a_checkpoint(tmp: Path) -> list[str]:
     return ["--resume", str(folder)]
 
 
+def _one_class(tmp: Path) -> list[str]:
+    """One class folder with images (and one without): a classifier of one class would score 100%."""
+    folder = make_image_tree(tmp / "one-class", classes=1, per_class=4)
+    (folder / "empty_class").mkdir()
+    return ["--data-dir", str(folder)]
+
+
+def _too_many_workers(tmp: Path) -> list[str]:
+    return ["--num-workers", "1000"]
+
+
+def _image_too_small_for_vgg16(tmp: Path) -> list[str]:
+    return ["--model", "vgg16", "--image-size", "31"]
+
+
+def _data_dir_is_a_file(tmp: Path) -> list[str]:
+    (tmp / "caltech-101.zip").write_bytes(b"PK\x03\x04 an archive, not unpacked")
+    return ["--data-dir", str(tmp / "caltech-101.zip")]
+
+
+def _output_dir_is_a_file(tmp: Path) -> list[str]:
+    (tmp / "run").unlink(missing_ok=True)
+    (tmp / "run").write_text("keep me\n")
+    return []
+
+
 ERROR_CASES = {
-    # case: (the arguments that make it, built on the fly; what the error says; --output-dir exists already)
-    "missing data dir": (_missing_data_dir, "does not exist", False),
-    "no classes": (_folder_without_classes, "no class folders", True),
-    "weights not vgg16": (_weights_of_another_network, "does not match torchvision's vgg16", False),
-    "resume not a checkpoint": (_not_a_checkpoint, "not a tl_dist checkpoint", True),
+    # case: (the arguments that make it, built on the fly; what the error says; --output-dir exists already;
+    #        exit code: 2 for options refused by the parser, 1 for data found unusable)
+    "missing data dir": (_missing_data_dir, "does not exist", False, 1),
+    "no classes": (_folder_without_classes, "no class folders", True, 1),
+    "one class": (_one_class, "only one class folder with images", True, 1),
+    "weights not vgg16": (_weights_of_another_network, "does not match torchvision's vgg16", False, 1),
+    "resume not a checkpoint": (_not_a_checkpoint, "not a tl_dist checkpoint", True, 1),
+    "too many workers": (_too_many_workers, f"--num-workers: 1000 is more than the {usable_cores()} CPU core",
+                         False, 2),
+    "image too small for vgg16": (_image_too_small_for_vgg16, "vgg16 needs images of at least 32 x 32", False, 2),
+    "data dir is a file": (_data_dir_is_a_file, "caltech-101.zip is a file, not a folder", False, 2),
+    "output dir is a file": (_output_dir_is_a_file, "run is a file, not a folder", False, 2),
 }
+# The weights are loaded after the decode (the new head needs the number of classes that decoded).
+CACHE_WRITTEN_BEFORE_ERROR = {"weights not vgg16"}
 
 
 @pytest.fixture(scope="module")
 def error_runs(image_tree, tmp_path_factory):
     """The four cases at once, each a real process (they spend most of their time importing torch)."""
     procs = {}
-    for case, (build, message, pre_exists) in ERROR_CASES.items():
+    for case, (build, message, pre_exists, code) in ERROR_CASES.items():
         tmp = tmp_path_factory.mktemp(case.replace(" ", "-"))
         out = tmp / "run"
         if pre_exists:  # a folder the user already had: it must stay as it was
             out.mkdir()
             (out / "mine.txt").write_text("keep me\n")
-        args = tiny_args(image_tree, out, tmp / "cache") + build(tmp)
+        args = tiny_args(image_tree, out, tmp / "cache") + build(tmp) + ["--wandb-mode", "disabled"]
         procs[case] = (subprocess.Popen([sys.executable, "-m", "tl_dist.train", *args], cwd=REPO,
                                         env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True), out, message, pre_exists)
+                                        text=True), tmp, message, pre_exists, code)
     results = {}
-    for case, (proc, out, message, pre_exists) in procs.items():
+    for case, (proc, tmp, message, pre_exists, code) in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
-        results[case] = {"code": proc.returncode, "stdout": stdout, "stderr": stderr, "out": out,
-                         "message": message, "pre_exists": pre_exists}
+        results[case] = {"code": proc.returncode, "stdout": stdout, "stderr": stderr, "tmp": tmp,
+                         "message": message, "pre_exists": pre_exists, "expected_code": code}
     return results
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_unusable_input_gives_one_error_line_and_writes_nothing(error_runs, case):
+    """One line with `error:` (argparse's own start with the program's name, after its usage line), the
+    exit code, and nothing written: neither the output folder nor the decoded-image cache."""
     run = error_runs[case]
-    assert run["code"] == 1, run["stderr"][-3000:]
+    assert run["code"] == run["expected_code"], run["stderr"][-3000:]
     assert "Traceback" not in run["stderr"] + run["stdout"]
-    errors = [line for line in run["stderr"].splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and run["message"] in errors[0], run["stderr"]
+    errors = [line for line in run["stderr"].splitlines() if "error:" in line]
+    assert len(errors) == 1 and run["message"] in " ".join(run["stderr"].split()), run["stderr"]
+    out = run["tmp"] / "run"
     if run["pre_exists"]:
-        assert sorted(p.name for p in run["out"].iterdir()) == ["mine.txt"]
-        assert (run["out"] / "mine.txt").read_text() == "keep me\n"
+        assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+        assert (out / "mine.txt").read_text() == "keep me\n"
+    elif out.is_file():  # --output-dir given as a file: left as it was
+        assert out.read_text() == "keep me\n"
     else:
-        assert not run["out"].exists()
+        assert not out.exists()
+    if case not in CACHE_WRITTEN_BEFORE_ERROR:
+        assert not (run["tmp"] / "cache").exists()
 
 
 def test_download_failing_from_every_source(tmp_path):
@@ -271,6 +316,19 @@ def test_download_failing_from_every_source(tmp_path):
     message = str(failure.value)
     assert "Kaggle: OSError: Could not find kaggle.json" in message
     assert "torchvision: ConnectionError" in message
-    assert "--data-dir" in message and "KAGGLE_KEY" in message
+    assert "--data-dir" in message and "network" in message
     assert not dest.exists()
-    assert list((tmp_path / "data").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # not even an empty data/ folder
+
+
+def test_a_failed_download_keeps_folders_it_did_not_create(tmp_path):
+    """./data existed before (the user's): it stays, with what it held."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine\n")
+
+    def failing(tmp: Path) -> Path:
+        raise ConnectionError("no network")
+
+    with pytest.raises(DataError):
+        download_caltech101(tmp_path / "data" / "caltech-101", sources=[("x", failing)])
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["notes.txt"]

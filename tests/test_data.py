@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision import transforms
 
 from tl_dist.data import (DataError, ImageCache, find_image_root, index_images, load_image, normalize,
-                          stratified_sample, stratified_split)
+                          stratified_sample, stratified_split, warn_untested_classes)
 
 
 def test_real_sample_index(sample_dir):
@@ -99,7 +99,7 @@ def test_image_cache_is_keyed_by_files_and_size(image_tree, tmp_path):
     index = index_images(image_tree)
     cache = ImageCache(tmp_path, index, 16)
     assert not cache.complete()
-    tmp = cache.create_tmp("t")
+    tmp = cache.create_tmp()
     bad = cache.fill(tmp, range(len(index)), threads=2)
     cache.publish(tmp, bad)
     assert cache.complete() and cache.bad_files() == {}
@@ -120,3 +120,34 @@ def test_find_image_root_descends_only_through_wrappers(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "single" / "only_class" / "x.png")
     # one class folder holding images is a dataset of one class, not a wrapper
     assert find_image_root(tmp_path / "single") == tmp_path / "single"
+
+
+def test_data_dir_that_is_a_file_and_a_single_class(tmp_path):
+    (tmp_path / "caltech-101.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        index_images(tmp_path / "caltech-101.zip")
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    (tmp_path / "data" / "dogs").mkdir()  # no images: left out, so one class remains
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "cats" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "cats" / "b.png")
+    with pytest.raises(DataError, match=r"only one class folder with images .* \(cats\)"):
+        index_images(tmp_path / "data", warn=lambda _: None)
+
+
+def test_classes_without_a_test_image_are_named_once():
+    warnings = []
+    untested = warn_untested_classes(["a", "b", "c", "d"], [0, 0, 2], warnings.append)
+    assert untested == ["b", "d"]
+    assert len(warnings) == 1 and warnings[0].endswith(": b, d")
+    assert warn_untested_classes(["a"], [0], warnings.append) == [] and len(warnings) == 1
+
+
+def test_min_image_size_is_what_the_network_accepts():
+    """The probe's answer matches a real forward pass: the minimum works, one pixel less fails."""
+    from tl_dist.model import build_model, min_image_size
+
+    assert (min_image_size("vgg16"), min_image_size("vgg_tiny")) == (32, 4)
+    net = build_model("vgg_tiny", 3, "none", "features", 0.5).eval()
+    assert net(torch.zeros(1, 3, 4, 4)).shape == (1, 3)
+    with pytest.raises(RuntimeError):
+        net(torch.zeros(1, 3, 3, 3))

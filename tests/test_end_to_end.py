@@ -4,6 +4,7 @@ what W&B wrote offline."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from safetensors.torch import load_file
 import wandb_reader
 from conftest import launch, make_image_tree, read_metrics, run_module, tiny_args, train_in_process
 
+from tl_dist.run_dir import FINAL_MODEL
+
+FINISHED_RUN_FILES = ("metrics.json", "config.json", "split.json")  # no constants for them in tl_dist yet
 METRIC_KEYS = {"loss", "accuracy", "top5_accuracy", "precision_macro", "recall_macro", "f1_macro",
                "mean_class_accuracy", "num_samples", "per_class_accuracy"}
 
@@ -105,11 +109,21 @@ def test_inprocess_vgg16_end_to_end(inprocess_run):
     check_run(inprocess_run, num_processes=1)
 
 
+def file_hashes(run_dir: Path) -> dict[str, str]:
+    """sha256 of what a finished run keeps: its metrics, options, split and every file of the final model."""
+    files = [run_dir / name for name in FINISHED_RUN_FILES]
+    files += sorted(p for p in (run_dir / FINAL_MODEL).rglob("*") if p.is_file())
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
 @pytest.mark.slow
 def test_finished_run_resumes_as_done_and_evaluates_the_same(inprocess_run, sample_dir):
+    before = file_hashes(inprocess_run)
+    assert len(before) > 3 + 3  # the model's weights, classes, config and train state among them
     proc = run_module(["--resume", "auto", "--output-dir", str(inprocess_run), "--data-dir", str(sample_dir),
                        "--wandb-mode", "disabled"])
-    assert proc.returncode == 0 and "already finished" in proc.stdout
+    assert proc.returncode == 0 and "is finished (2 epochs" in proc.stdout
+    assert file_hashes(inprocess_run) == before  # byte for byte: nothing was trained, saved or rewritten
 
 
 @pytest.mark.slow

@@ -216,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error(f"argument --dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.num_workers < -1:
         parser.error(f"argument --num-workers: must be -1 or more, got {cfg.num_workers}")
+    _check_paths_and_sizes(parser, cfg)
     if cfg.weights not in ("imagenet", "none") and not Path(cfg.weights).is_file():
         parser.error(f"argument --weights: {cfg.weights!r} is neither imagenet, none nor an existing file")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
@@ -229,3 +230,33 @@ def parse_args(argv: list[str] | None = None) -> Config:
                      "its features every step)")
     cfg.cache_dir = os.path.expanduser(cfg.cache_dir)
     return cfg
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which Slurm and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _check_paths_and_sizes(parser: argparse.ArgumentParser, cfg: Config) -> None:
+    """Options that would fail only after the decode, or harm the machine, refused before anything runs."""
+    from tl_dist.model import min_image_size  # imports torch: only once the cheap checks passed
+
+    # Each worker is a process of its own; more of them than cores cannot load batches faster, and
+    # torch's DataLoader itself warns above this number. 1000 of them once ran a machine out of memory.
+    cores = usable_cores()
+    if cfg.num_workers > cores:
+        parser.error(f"argument --num-workers: {cfg.num_workers} is more than the {cores} CPU core(s) this "
+                     f"process may use; pass at most {cores}, or -1 to choose from the cores")
+    smallest = min_image_size(cfg.model)
+    if cfg.image_size < smallest:
+        parser.error(f"argument --image-size: {cfg.model} needs images of at least {smallest} x {smallest} "
+                     f"pixels (its pooling layers halve them), got {cfg.image_size}")
+    for name in ("data_dir", "output_dir", "cache_dir"):
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        path = Path(os.path.expanduser(value))
+        file = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if file is not None:
+            parser.error(f"argument {_flag(name)}: {file} is a file, not a folder; pass a folder"
+                         + (" that holds one sub-folder per class" if name == "data_dir" else ""))

@@ -2,14 +2,25 @@
 
 In a terminal: live progress bars with loss and images/s. Elsewhere (CI, SLURM logs): one plain line
 every `--log-every` steps, since a live display would only print its last frame.
+
+Every long phase that is not a training epoch (decoding, the feature pass, evaluation, saving) reports
+through `phase()`: a bar with count/total, rate and ETA in a terminal; elsewhere a plain line with
+count/total at the start, after every further 10% and at least every 30 s (when anything moved), and
+at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
+    TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 METRIC_ROWS = [("loss", "test loss", "{:.4f}"), ("accuracy", "top-1 accuracy", "{:.2%}"),
                ("top5_accuracy", "top-5 accuracy", "{:.2%}"), ("mean_class_accuracy", "mean per-class acc.",
@@ -17,8 +28,85 @@ METRIC_ROWS = [("loss", "test loss", "{:.4f}"), ("accuracy", "top-1 accuracy", "
                "{:.2%}"), ("f1_macro", "macro F1", "{:.2%}"), ("num_samples", "test images", "{:d}")]
 
 
+class PlainPhase:
+    """Progress of one phase for a log without a terminal: a line "<description> <count>/<total> <unit>"
+    at the start, whenever the count reaches the next tenth of the total or `every_s` seconds have
+    passed since the last line, and at the end; so a log never stays silent for 10% of a phase or 30 s
+    of work. `clock` is injectable for tests."""
+
+    def __init__(self, print_line: Callable[[str], None], description: str, total: int, unit: str = "images",
+                 every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.print_line, self.description, self.total, self.unit = print_line, description, total, unit
+        self.every_s, self.clock = every_s, clock
+        self.count, self.started = 0, clock()
+        self.printed_count, self.printed_at = None, self.started
+        self._line()
+
+    def advance(self, n: int = 1) -> None:
+        self.update(self.count + n)
+
+    def update(self, count: int) -> None:
+        self.count = min(count, self.total)
+        if self.count >= self._next_tenth() or self.clock() - self.printed_at >= self.every_s:
+            self._line()
+
+    def finish(self) -> None:
+        self._line()
+
+    def _next_tenth(self) -> int:
+        """The first multiple of total/10 (rounded up) above the last count printed."""
+        tenth = math.floor(self.printed_count * 10 / self.total) + 1
+        return math.ceil(tenth * self.total / 10)
+
+    def _line(self) -> None:
+        if self.count == self.printed_count:
+            return
+        now = self.clock()
+        line = f"{self.description} {self.count}/{self.total} {self.unit}"
+        if self.count and now > self.started:
+            rate = self.count / (now - self.started)
+            eta = (self.total - self.count) / rate
+            line += f" ({rate:,.1f} {self.unit}/s, ETA {int(eta // 60)}:{int(eta % 60):02d})"
+        self.print_line(line)
+        self.printed_count, self.printed_at = self.count, now
+
+
+class LivePhase:
+    """Progress of one phase as a task of a rich progress bar."""
+
+    def __init__(self, progress: Progress, task):
+        self.progress, self.task = progress, task
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def update(self, count: int) -> None:
+        self.progress.update(self.task, completed=count)
+
+
+class QuietPhase:
+    """Progress on a process other than the main one: nothing is shown."""
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def update(self, count: int) -> None:
+        pass
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a phase (its `unit` field); blank for the epochs, whose info shows img/s."""
+
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit")
+        if not unit or not task.speed:
+            return Text("")
+        return Text(f"{task.speed:,.1f} {unit}/s")
+
+
 class RunConsole:
     def __init__(self, is_main: bool):
+        self.is_main = is_main
         # Outside a terminal (logs, CI, Slurm) lines are never folded: a path must stay whole to be found.
         self.console = Console(quiet=not is_main, highlight=False)
         self.console.soft_wrap = not self.console.is_terminal
@@ -37,14 +125,43 @@ class RunConsole:
         self.err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
 
     # -- progress
+    def _live_progress(self) -> Progress:
+        if self.progress is None:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[info]}"), RateColumn(), TimeElapsedColumn(),
+                                     TimeRemainingColumn(), console=self.console, transient=False)
+            self.progress.start()
+        return self.progress
+
+    @contextlib.contextmanager
+    def phase(self, description: str, total: int, unit: str = "images") -> Iterator:
+        """Progress of a long phase, on the main process: `with console.phase("decoding", n) as p:
+        ... p.advance(k)` (or `p.update(count)`). A bar in a terminal, plain lines in a log (see
+        PlainPhase). The end is shown only when the phase completes, not when it is interrupted."""
+        if not self.is_main or total <= 0:
+            yield QuietPhase()
+            return
+        if not self.live:
+            # One line each, never wrapped (a log is read by tools too), never parsed as markup.
+            phase = PlainPhase(lambda line: self.print(line, soft_wrap=True, markup=False), description, total,
+                               unit)
+            yield phase
+            phase.finish()
+            return
+        shared = self.progress is not None  # inside an epoch's bar (a checkpoint): add a line to it
+        progress = self._live_progress()
+        task = progress.add_task(description, total=total, info="", unit=unit)
+        try:
+            yield LivePhase(progress, task)
+        finally:
+            if shared:
+                progress.remove_task(task)
+            else:
+                self.stop_progress()
+
     def start_task(self, description: str, total: int, completed: int = 0):
         if self.live:
-            if self.progress is None:
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                         TimeRemainingColumn(), console=self.console, transient=False)
-                self.progress.start()
-            return self.progress.add_task(description, total=total, completed=completed, info="")
+            return self._live_progress().add_task(description, total=total, completed=completed, info="")
         self.print(f"{description}: {total} batches")
         return description
 

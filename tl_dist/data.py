@@ -12,9 +12,15 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
+import time
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +48,17 @@ class DataError(RuntimeError):
 def download_caltech101(dest: Path, sources=None) -> str:
     """Download Caltech-101 into `dest` (class folders directly inside). Returns the source's name.
 
-    Tries Kaggle (the article's source), then torchvision's downloader. Each source writes into a
-    temporary folder beside `dest` that is renamed into place at the end, so an interrupted download
-    never looks like a complete dataset.
+    Tries, in order: Kaggle's public dataset (the article's source) through `kagglehub`, which needs no
+    account; the `kaggle` client, only where Kaggle credentials are set up; torchvision's downloader
+    (data.caltech.edu). Each source writes into a temporary folder beside `dest` that is renamed into
+    place at the end, so an interrupted download never looks like a complete dataset; when every source
+    fails, the folders this call created (such as ./data) are removed again.
     """
     dest = Path(dest)
+    created = [p for p in [dest.parent, *dest.parent.parents] if not p.exists()]  # deepest first
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for name, fetch in sources or [("Kaggle", _fetch_kaggle), ("torchvision", _fetch_torchvision)]:
+    for name, fetch in sources or default_sources():
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-download-", dir=dest.parent))
         try:
             class_root = find_image_root(fetch(tmp))
@@ -61,14 +70,38 @@ def download_caltech101(dest: Path, sources=None) -> str:
             errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    for folder in created:
+        with contextlib.suppress(OSError):  # not empty: someone else is using it
+            folder.rmdir()
     raise DataError(
-        "could not download Caltech-101 (" + "; ".join(errors) + "). Put Kaggle credentials in "
-        "~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY, or download the data yourself and pass "
-        "--data-dir DIR (one folder per class).")
+        "could not download Caltech-101 (" + "; ".join(errors) + "). Check the network connection, "
+        "or download the data yourself and pass --data-dir DIR (one folder per class).")
+
+
+def kaggle_credentials() -> bool:
+    """Whether the `kaggle` client has credentials: KAGGLE_USERNAME and KAGGLE_KEY, KAGGLE_API_TOKEN,
+    or a kaggle.json / access_token file where the client looks for one."""
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY") or os.environ.get("KAGGLE_API_TOKEN"):
+        return True
+    folders = [Path(os.environ["KAGGLE_CONFIG_DIR"])] if os.environ.get("KAGGLE_CONFIG_DIR") else []
+    folders += [Path.home() / ".kaggle", Path.home() / ".config" / "kaggle"]
+    return any((f / name).is_file() for f in folders for name in ("kaggle.json", "access_token"))
+
+
+def default_sources() -> list[tuple[str, Callable[[Path], Path]]]:
+    sources = [("kagglehub", _fetch_kagglehub)]
+    if kaggle_credentials():
+        sources.append(("kaggle", _fetch_kaggle))
+    return sources + [("torchvision", _fetch_torchvision)]
+
+
+def _fetch_kagglehub(tmp: Path) -> Path:
+    import kagglehub  # imported here, as the other clients: most runs never download
+
+    return Path(kagglehub.dataset_download(KAGGLE_DATASET, output_dir=str(tmp)))
 
 
 def _fetch_kaggle(tmp: Path) -> Path:
-    # Imported here: importing kaggle without credentials raises, and most runs never download.
     from kaggle.api.kaggle_api_extended import KaggleApi
 
     api = KaggleApi()
@@ -122,6 +155,9 @@ def find_image_root(data_dir: Path) -> Path:
 
 def index_images(data_dir: Path, warn=print) -> ImageIndex:
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder. Pass the folder that holds one "
+                        "sub-folder per class (unpack an archive first).")
     if not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} does not exist. Pass the folder that holds one "
                         "sub-folder per class, or leave --data-dir at its default to download Caltech-101.")
@@ -144,7 +180,15 @@ def index_images(data_dir: Path, warn=print) -> ImageIndex:
     if not classes:
         raise DataError(f"no class folders with images in {root}. --data-dir must hold one sub-folder "
                         f"per class with images ({', '.join(sorted(IMAGE_EXTENSIONS))}) inside.")
+    _require_two_classes(classes, root, "with images")
     return ImageIndex(root, files, labels, classes)
+
+
+def _require_two_classes(classes: list[str], root: Path, kind: str) -> None:
+    # One class would train a network that always answers it and report 100% accuracy.
+    if len(classes) < 2:
+        raise DataError(f"only one class folder {kind} in {root} ({classes[0]}); a classifier needs at "
+                        "least 2. --data-dir must hold one sub-folder per class, each with its images.")
 
 
 # ---------------------------------------------------------------- decode
@@ -176,9 +220,12 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
-def decode_rows(index: ImageIndex, rows, out: np.ndarray, image_size: int, threads: int) -> dict[int, str]:
-    """Decode index rows into `out`; returns {row: reason} for files that cannot be decoded.
-    PIL releases the GIL while decoding and resizing, so threads use the cores."""
+def decode_rows(index: ImageIndex, rows, out: np.ndarray, image_size: int, threads: int,
+                on_progress: Callable[[int], None] | None = None) -> dict[int, str]:
+    """Decode index rows into `out`; returns {row: reason} for files that cannot be decoded. PIL
+    releases the GIL while decoding and resizing, so threads use the cores. `on_progress(done)` is
+    called in this thread as rows complete. An exception here (Ctrl-C, `Interrupted`) cancels the rows
+    not started yet instead of decoding them all first."""
     def one(row):
         try:
             out[row] = load_image(index.root / index.files[row], image_size)
@@ -186,19 +233,40 @@ def decode_rows(index: ImageIndex, rows, out: np.ndarray, image_size: int, threa
             return row, _describe(exc)
         return row, None
 
+    bad = {}
     # The warning filters are one process-wide list, and catch_warnings() in several threads at once
     # restores them in any order: set the filter here, before the threads start, so that all of them
     # see it (else a large image could be skipped under `python -W error`).
-    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, threads)) as pool:
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return {row: why for row, why in pool.map(one, rows) if why is not None}
+        pool = ThreadPoolExecutor(max(1, threads))
+        try:
+            for done, (row, why) in enumerate(pool.map(one, rows), 1):
+                if why is not None:
+                    bad[row] = why
+                if on_progress is not None:
+                    on_progress(done)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on an interrupt: only the rows in flight finish
+    return bad
 
 
 class ImageCache:
     """The decoded-image cache: `<cache_dir>/images-<key>.npy` (N x S x S x 3 uint8) and a `.json`
     beside it listing the files that could not be decoded. The key covers the data folder, every file's
     path, size and modification time, and the image size. The .json is written last: a cache without
-    it is incomplete and is built again."""
+    it is incomplete and is built again.
+
+    It is built in a hidden temp file named after its writer (`.<name>.tmp-<host>-<pid>.npy`, up to
+    1.4 GB for Caltech-101 at 224 px) and renamed into place when complete. `building()` removes the
+    temp file when the build fails or is interrupted, and the temp files of writers that died without
+    that chance (SIGKILL, power loss): those of a pid that no longer runs on this host, or, whatever the
+    host (a cache folder shared between nodes), not modified for STALE_TMP_SECONDS."""
+
+    STALE_TMP_SECONDS = 24 * 3600  # a live writer modifies its temp file with every decoded image
+    TMP_NAME = re.compile(r"^\.images-.+\.tmp-(?P<host>.+)-(?P<pid>\d+)\.(npy|json)$")
+    # Before the host was in the name: `.images-<key>-<S>px.<pid>-<time_ns>.npy`, taken as this host's.
+    OLD_TMP_NAME = re.compile(r"^\.images-.+px\.(?P<pid>\d+)-\d+\.npy$")
 
     def __init__(self, cache_dir: str | Path, index: ImageIndex, image_size: int):
         digest = hashlib.sha256(f"v{CACHE_VERSION} {index.root.resolve()} {image_size}\n".encode())
@@ -214,16 +282,67 @@ class ImageCache:
     def complete(self) -> bool:
         return self.meta_path.is_file() and self.array_path.is_file()
 
-    def create_tmp(self, tag: str) -> Path:
+    def tmp_path(self) -> Path:
+        return self.dir / f".{self.array_path.stem}.tmp-{socket.gethostname()}-{os.getpid()}.npy"
+
+    def create_tmp(self) -> Path:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f".{self.array_path.stem}.{tag}.npy"
+        tmp = self.tmp_path()
         shape = (len(self.index), self.image_size, self.image_size, 3)
         np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
         return tmp
 
-    def fill(self, tmp: Path, rows, threads: int) -> dict[int, str]:
+    @contextlib.contextmanager
+    def building(self, owner: bool, say=print) -> Iterator[Path | None]:
+        """On the process that writes the cache (`owner`), when it is not complete: remove stale temp
+        files, create this build's temp file and yield it; remove it if the block raises (Ctrl-C and
+        `Interrupted` included). Elsewhere, or when the cache is complete, yield None."""
+        if not owner or self.complete():
+            yield None
+            return
+        removed = self.remove_stale_tmp()
+        if removed:
+            say(f"removed {len(removed)} partial cache file(s) left by an interrupted run: "
+                + ", ".join(p.name for p in removed))
+        try:
+            yield self.create_tmp()
+        except BaseException:
+            self.tmp_path().unlink(missing_ok=True)
+            self.tmp_path().with_suffix(".json").unlink(missing_ok=True)
+            raise
+
+    def remove_stale_tmp(self) -> list[Path]:
+        removed = []
+        for path in sorted(self.dir.glob(".images-*")) if self.dir.is_dir() else []:
+            match = self.TMP_NAME.match(path.name) or self.OLD_TMP_NAME.match(path.name)
+            if match is None:  # the cache itself, or not ours
+                continue
+            host = match.groupdict().get("host") or socket.gethostname()
+            if self._stale(path, host, int(match["pid"])):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        return removed
+
+    def _stale(self, path: Path, host: str, pid: int) -> bool:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:  # its writer just renamed or removed it
+            return False
+        if age > self.STALE_TMP_SECONDS:
+            return True
+        if host != socket.gethostname() or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # it exists, as another user's process
+            return False
+        return False
+
+    def fill(self, tmp: Path, rows, threads: int, on_progress=None) -> dict[int, str]:
         out = np.load(tmp, mmap_mode="r+")
-        bad = decode_rows(self.index, rows, out, self.image_size, threads)
+        bad = decode_rows(self.index, rows, out, self.image_size, threads, on_progress)
         out.flush()
         return bad
 
@@ -231,7 +350,7 @@ class ImageCache:
         meta = {"files": len(self.index), "image_size": self.image_size,
                 "bad": {self.index.files[r]: why for r, why in sorted(bad.items())}}
         os.replace(tmp, self.array_path)
-        tmp_meta = self.meta_path.with_name(f".{self.meta_path.name}.{os.getpid()}")
+        tmp_meta = tmp.with_suffix(".json")
         tmp_meta.write_text(json.dumps(meta, indent=1))
         os.replace(tmp_meta, self.meta_path)
 
@@ -239,6 +358,32 @@ class ImageCache:
         with contextlib.suppress(OSError):  # each run that uses the cache marks its last use (tl_dist.cache)
             os.utime(self.meta_path)
         return json.loads(self.meta_path.read_text())["bad"]
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a phase that has nothing to checkpoint (decoding, the feature pass)."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(during: str) -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into `Interrupted` in the main thread for the duration of the block, so
+    that the code unwinding it removes what it was writing; Python's default for SIGTERM would end the
+    process on the spot, leaving its temp files behind. A signal the process was started ignoring (as a
+    shell does with SIGINT for background jobs) stays ignored. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted(f"{signal.Signals(signum).name} while {during}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def keep_decodable(index: ImageIndex, bad: dict[str, str], warn=print) -> tuple[ImageIndex, list[int]]:
@@ -253,6 +398,7 @@ def keep_decodable(index: ImageIndex, bad: dict[str, str], warn=print) -> tuple[
         lost = [c for y, c in enumerate(index.classes) if y not in set(kept)]
         warn(f"warning: left out {len(lost)} class folder(s) with no image that can be decoded: "
              + ", ".join(lost))
+    _require_two_classes([index.classes[y] for y in kept], index.root, "with an image that can be decoded")
     new_label = {old: new for new, old in enumerate(kept)}
     labels = [new_label.get(y, -1) for y in index.labels]  # -1: a file of a left-out class, never used
     return ImageIndex(index.root, index.files, labels, [index.classes[y] for y in kept]), rows
@@ -292,6 +438,17 @@ def stratified_sample(labels: list[int], max_samples: int, seed: int) -> list[in
     for members in shuffled_by_class(labels, seed + 1):  # seed + 1: not the split's draw
         keep += members[:max(1, int(len(members) * keep_fraction + 0.5))]
     return sorted(keep)
+
+
+def warn_untested_classes(classes: list[str], test_labels: list[int], warn=print) -> list[str]:
+    """One warning naming the classes without a test image (a class of a single image keeps it for
+    training): their test accuracy is not measured. Returns them."""
+    tested = set(test_labels)
+    untested = [c for y, c in enumerate(classes) if y not in tested]
+    if untested:
+        warn(f"warning: {len(untested)} class(es) have no test image (too few images for --test-fraction), "
+             f"so their accuracy is not measured: {', '.join(untested)}")
+    return untested
 
 
 # ---------------------------------------------------------------- datasets and batches

@@ -9,6 +9,7 @@ order, for any number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import math
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from tl_dist.checkpoint import TrainState
+from tl_dist.console import QuietPhase
 from tl_dist.data import normalize
 from tl_dist.metrics import compute_metrics
 
@@ -122,38 +124,48 @@ class SkippedSteps:
         return self.in_a_row >= self.limit
 
 
+def _phase(console, description: str, total: int):
+    """The console's progress display for a phase (counts over all processes), or none without a console."""
+    return console.phase(description, total) if console is not None else contextlib.nullcontext(QuietPhase())
+
+
 @torch.no_grad()
-def extract_features(accelerator, model, batches: Batches, num_rows: int) -> torch.Tensor:
+def extract_features(accelerator, model, batches: Batches, num_rows: int, console=None,
+                     description: str = "features") -> torch.Tensor:
     """Pooled backbone features of every row, computed once (sharded over the processes, under the run's
     autocast) and gathered so that every process holds all of them, on its device."""
     net = accelerator.unwrap_model(model)
     net.eval()
     features = None
-    for images, _, positions in batches.loader:
-        with accelerator.autocast():
-            f = net.embed(batches.inputs(images, accelerator.device))
-        f, positions = accelerator.gather_for_metrics((f.contiguous(), positions.to(accelerator.device)))
-        if features is None:
-            features = torch.empty(num_rows, f.shape[1], dtype=f.dtype, device=accelerator.device)
-        features[positions] = f
+    with _phase(console, description, num_rows) as progress:
+        for images, _, positions in batches.loader:
+            with accelerator.autocast():
+                f = net.embed(batches.inputs(images, accelerator.device))
+            f, positions = accelerator.gather_for_metrics((f.contiguous(), positions.to(accelerator.device)))
+            if features is None:
+                features = torch.empty(num_rows, f.shape[1], dtype=f.dtype, device=accelerator.device)
+            features[positions] = f
+            progress.advance(len(positions))
     if features is not None and features.is_cuda:
         torch.cuda.synchronize(features.device)  # done when it returns: the caller times it
     return features
 
 
 @torch.no_grad()
-def evaluate(accelerator, model, batches: Batches, classes: list[str]) -> tuple[dict, dict]:
+def evaluate(accelerator, model, batches: Batches, classes: list[str], console=None) -> tuple[dict, dict]:
     """Exact metrics over the whole split, whatever the number of processes. Also returns the gathered
     outputs, in split order: logits, labels, positions."""
     model.eval()
     logits, labels, positions = [], [], []
     start, seen = time.perf_counter(), 0
-    for x, y, pos in batches.loader:
-        with accelerator.autocast():
-            out = model(batches.inputs(x, accelerator.device), pooled=batches.pooled)
-        out, y, pos = accelerator.gather_for_metrics((out.float(), y.to(out.device), pos.to(out.device)))
-        logits.append(out), labels.append(y), positions.append(pos)  # kept on the device: no sync per batch
-        seen += len(y)
+    with _phase(console, "evaluating", len(batches.loader.dataset)) as progress:
+        for x, y, pos in batches.loader:
+            with accelerator.autocast():
+                out = model(batches.inputs(x, accelerator.device), pooled=batches.pooled)
+            out, y, pos = accelerator.gather_for_metrics((out.float(), y.to(out.device), pos.to(out.device)))
+            logits.append(out), labels.append(y), positions.append(pos)  # on the device: no sync per batch
+            seen += len(y)
+            progress.advance(len(y))
     logits, labels, positions = (torch.cat(t).cpu() for t in (logits, labels, positions))
     seconds = time.perf_counter() - start
     order = positions.argsort()

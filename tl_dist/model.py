@@ -8,6 +8,7 @@ how the frozen-feature cache trains the classifier through the same (DDP-wrapped
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import torch
@@ -68,6 +69,29 @@ def _load_state_dict(net: nn.Module, path: Path, arch: str) -> None:
                            f"state_dict of torchvision.models.{arch}(), or imagenet / none.") from None
 
 
+def _network(arch: str, dropout: float = 0.5) -> nn.Module:
+    """torchvision's network (or the test stand-in) with its 1000-way ImageNet head."""
+    return models.vgg16(dropout=dropout) if arch == "vgg16" else _vgg_tiny(dropout)
+
+
+@functools.cache
+def min_image_size(arch: str) -> int:
+    """The smallest --image-size the network accepts: found by running its backbone on the meta device
+    (shapes only, no compute) at growing sizes until its output is not empty. VGG16's five 2x2 max-pools
+    need 32 px; vgg_tiny's two need 4. Any network `_network` builds is covered."""
+    with torch.device("meta"):
+        net = _network(arch)
+    net.eval()
+    for size in range(1, 1025):
+        try:
+            out = torch.flatten(net.avgpool(net.features(torch.empty(1, 3, size, size, device="meta"))), 1)
+        except RuntimeError:  # a pooling layer's output would be smaller than one pixel
+            continue
+        if out.numel() > 0:
+            return size
+    raise ValueError(f"{arch}: no input size up to 1024 px gives features")
+
+
 def build_model(arch: str, num_classes: int, weights: str, freeze: str, dropout: float) -> TransferNet:
     """`weights`: imagenet | none | PATH. With imagenet, call under `main_process_first()` so that one
     process downloads the file and the others find it in torch's cache."""
@@ -76,7 +100,7 @@ def build_model(arch: str, num_classes: int, weights: str, freeze: str, dropout:
     # Weights about to be loaded need no random initialisation first (seconds of CPU for VGG16's 138M
     # parameters): build the skeleton on the meta device; the loaded tensors become its parameters.
     with torch.device("meta") if weights != "none" else contextlib.nullcontext():
-        net = models.vgg16(dropout=dropout) if arch == "vgg16" else _vgg_tiny(dropout)
+        net = _network(arch, dropout)
     if weights == "imagenet":
         state = models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True, check_hash=True)
         net.load_state_dict(_dense_fp32(state), assign=True)

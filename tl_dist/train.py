@@ -37,7 +37,8 @@ from tl_dist.config import DEFAULT_DATA_DIR, Config, build_parser, parse_args  #
 from tl_dist.console import RunConsole  # noqa: E402
 from tl_dist.data import (CachedImages, DataError, FeatureRows, GlobalBatchSampler, ImageCache,  # noqa: E402
                           ImageIndex, download_caltech101, find_image_root, index_images, keep_decodable,
-                          make_loader, stratified_sample, stratified_split)
+                          Interrupted, make_loader, stop_on_signals, stratified_sample, stratified_split,
+                          warn_untested_classes)
 from tl_dist.engine import (Batches, LoopSettings, Outcome, StopRequest, TrainLog, evaluate,  # noqa: E402
                             extract_features, fit, stop_with_launcher)
 from tl_dist.launch_check import exit_if_unsupported_setup  # noqa: E402
@@ -159,18 +160,19 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
     if cache_dir == data_dir or data_dir in cache_dir.parents:
         raise DataError(f"--cache-dir {cfg.cache_dir} is inside --data-dir; choose a folder outside it.")
     cache = ImageCache(cache_dir, index, cfg.image_size)
-    tmp = None
-    if accelerator.is_main_process and not cache.complete():
-        tmp = cache.create_tmp(f"{os.getpid()}-{time.time_ns()}")
-    tmp = broadcast_object_list([tmp])[0]
-    if tmp is not None:
-        console.print(f"decoding {len(index)} images once into {cache.array_path} ...")
-        rows = range(accelerator.process_index, len(index), accelerator.num_processes)
-        bad = cache.fill(tmp, rows, threads)
-        merged = {row: why for part in gather_object([bad]) for row, why in part.items()}
-        if accelerator.is_main_process:
-            cache.publish(tmp, merged)
-        accelerator.wait_for_everyone()
+    # Ctrl-C or SIGTERM: the main process removes the temp file it created, then main() exits 75.
+    with stop_on_signals("decoding images"), cache.building(accelerator.is_main_process, console.print) as tmp:
+        tmp = broadcast_object_list([tmp])[0]
+        if tmp is not None:
+            console.print(f"decoding {len(index)} images once into {cache.array_path} ...")
+            rows = range(accelerator.process_index, len(index), accelerator.num_processes)
+            # The main process shows its own shard's progress scaled to all images (shards differ by <= 1).
+            with console.phase("decoding", len(index)) as progress:
+                bad = cache.fill(tmp, rows, threads, lambda done: progress.update(done * len(index) // len(rows)))
+            merged = {row: why for part in gather_object([bad]) for row, why in part.items()}
+            if accelerator.is_main_process:
+                cache.publish(tmp, merged)
+            accelerator.wait_for_everyone()
     return cache.array_path, cache.bad_files()
 
 
@@ -203,6 +205,7 @@ def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run
         index, good = keep_decodable(index, bad, console.warn)
         train_pos, test_pos = stratified_split([index.labels[i] for i in good], cfg.test_fraction, cfg.seed)
         train_rows, test_rows = [good[p] for p in train_pos], [good[p] for p in test_pos]
+        warn_untested_classes(index.classes, [index.labels[r] for r in test_rows], console.warn)
     elif any(index.files[r] in bad for r in train_rows + test_rows):
         raise DataError(f"files of this run's split can no longer be decoded (listed above); restore them in "
                         f"--data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
@@ -219,12 +222,14 @@ def image_batches(cfg: Config, accelerator: Accelerator, images: CachedImages, s
 
 
 def feature_batches(cfg: Config, accelerator: Accelerator, console: RunConsole, model, images: CachedImages,
-                    sampler=None) -> tuple[Batches, float]:
+                    split: str, sampler=None) -> tuple[Batches, float]:
     """The frozen backbone's pooled features of every image, computed once here (the backbone's output
     never changes, so not once per image and epoch: >99% of VGG16's work), as batches for the classifier.
     Also returns the seconds the backbone pass took."""
     tic = time.perf_counter()
-    features = extract_features(accelerator, model, image_batches(cfg, accelerator, images), len(images))
+    with stop_on_signals("computing backbone features"):  # nothing to save yet: main() exits 75
+        features = extract_features(accelerator, model, image_batches(cfg, accelerator, images), len(images),
+                                    console, f"features ({split} split)")
     seconds = time.perf_counter() - tic
     rows = FeatureRows(features, images.labels.tolist())
     loader = make_loader(rows, sampler, batch_size=cfg.batch_size)
@@ -301,7 +306,8 @@ class FineTune:
         self.model = self.accelerator.prepare(self.model)
         self.test_images = self.data.images(self.data.test_rows)
         self.test_batches = image_batches(self.cfg, self.accelerator, self.test_images)
-        metrics, outputs = evaluate(self.accelerator, self.model, self.test_batches, self.data.index.classes)
+        metrics, outputs = evaluate(self.accelerator, self.model, self.test_batches, self.data.index.classes,
+                                   self.console)
         report = build_report(outputs, self.data.index.classes)
         metrics["per_class"] = report.per_class()
         folder = self.run_dir.eval_dir(plan.checkpoint)
@@ -405,8 +411,9 @@ class FineTune:
             self.test_batches = image_batches(cfg, accelerator, self.test_images)
             return
         self.train_batches, train_s = feature_batches(cfg, accelerator, self.console, self.model,
-                                                      self.train_images, self.sampler)
-        self.test_batches, test_s = feature_batches(cfg, accelerator, self.console, self.model, self.test_images)
+                                                      self.train_images, "train", self.sampler)
+        self.test_batches, test_s = feature_batches(cfg, accelerator, self.console, self.model, self.test_images,
+                                                    "test")
         self.feature_seconds = train_s + test_s
         count = len(self.train_images) + len(self.test_images)
         self.console.print(f"backbone features of {count} images in {self.feature_seconds:.1f} s "
@@ -439,7 +446,7 @@ class FineTune:
         """Exact test metrics, logged under prefix/ with a grid of predictions (the first 32 test images,
         the same for every number of processes)."""
         classes = self.data.index.classes
-        metrics, self.outputs = evaluate(self.accelerator, self.model, self.test_batches, classes)
+        metrics, self.outputs = evaluate(self.accelerator, self.model, self.test_batches, classes, self.console)
         self.tracker.log({f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         n = min(32, len(self.outputs["labels"]))
         preds, labels = self.outputs["logits"][:n].argmax(1).tolist(), self.outputs["labels"][:n].tolist()
@@ -527,6 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         _error(console, str(exc))
         return 1
+    except Interrupted as exc:  # in a phase with nothing to checkpoint: what it wrote is removed
+        resume = " with --resume auto" if cfg.output_dir and cfg.resume is None else ""
+        (console or RunConsole(True)).print(f"stopped by {exc}; no partial file is left. To continue, run the same "
+                                            f"command{resume} again.")
+        return EXIT_STOPPED
     except Exception as exc:
         folder = recipe.run_dir if recipe is not None else None
         if folder is None or not is_disk_full(exc, folder.path):
@@ -535,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
                         f"kept. The last complete checkpoint is {folder.latest() or 'none'}. Free some space, "
                         "then run again with --resume auto.")
         return 1
+    except Interrupted as exc:  # in a phase with nothing to checkpoint: what it wrote is removed
+        resume = " with --resume auto" if cfg.output_dir and cfg.resume is None else ""
+        console.print(f"stopped by {exc}; no partial file is left. To continue, run the same command{resume} again.")
+        return EXIT_STOPPED
     finally:
         if recipe is not None:
             recipe.cleanup()

@@ -13,7 +13,7 @@ TL_DIST_TEST_SKEW_CLOCKS=1      process r's local time runs r hours ahead (its t
 TL_DIST_TEST_FAKE_HUB=LOG       torch.hub "downloads" write a tiny stand-in VGG16 state_dict instead of
                                 going to the network, after appending a line to LOG and waiting a second
 
-kaggle/ beside this file is a stand-in for the Kaggle client, for the same tests.
+kagglehub/ beside this file is a stand-in for the Kaggle download client, for the same tests.
 """
 
 import atexit
