@@ -1,7 +1,8 @@
 """`python -m tl_dist.cache list / prune` on a cache folder made by real runs, with planted entries beside
 them (a feature cache, old decoded-image caches, a writer's temporary file, arrays without a sidecar) whose
 times are set back: what list shows, that a run reusing a cache marks its last use, and what prune removes
-(least recently used first, never a temporary file, never a fresh array without its sidecar)."""
+(least recently used first, never a running writer's temporary file, always one whose writer is gone,
+never a fresh array without its sidecar)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -58,8 +62,15 @@ def cache_folder(image_tree, tmp_path, capsys):
     old_images = cache / "images-ffffffffffffffffffff-64px.npy"
     shutil.copy(img32, old_images)
     shutil.copy(img32.with_suffix(".json"), old_images.with_suffix(".json"))
-    temp = cache / ".features-aaaa.1234-99.npy"
+    temp = cache / ".features-aaaa.1234-99.npy"  # no writer in its name: never removed
     temp.write_bytes(b"\0" * 100_000)
+    # data.ImageCache's temp files, named after their writer: one that is gone, one that runs (this process)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    dead_temp = cache / f".images-dddddddddddddddddddd-32px.tmp-{host}-{int(gone.stdout)}.npy"
+    live_temp = cache / f".images-cccccccccccccccccccc-32px.tmp-{host}-{os.getpid()}.npy"
+    dead_temp.write_bytes(b"\0" * 30_000)
+    live_temp.write_bytes(b"\0" * 10_000)
     orphan, fresh_orphan = cache / "images-eeeeeeeeeeeeeeeeeeee-48px.npy", cache / "features-bbbb.npy"
     orphan.write_bytes(b"\0" * 50_000)
     fresh_orphan.write_bytes(b"\0" * 20_000)
@@ -67,8 +78,9 @@ def cache_folder(image_tree, tmp_path, capsys):
     set_age(40, old_images, old_images.with_suffix(".json"), temp)
     set_age(2, orphan)
     set_age(1, img32, img32.with_suffix(".json"))  # the 32 px run was yesterday; the 24 px one today
+    set_age(0.5, dead_temp, live_temp)
     return dict(cache=cache, img32=img32, img24=img24, features=features, old_images=old_images, temp=temp,
-                orphan=orphan, fresh_orphan=fresh_orphan)
+                orphan=orphan, fresh_orphan=fresh_orphan, dead_temp=dead_temp, live_temp=live_temp)
 
 
 def size_of(*arrays) -> int:
@@ -82,7 +94,10 @@ def test_list_shows_every_entry_with_kind_key_size_and_last_use(cache_folder):
     assert {name: e.kind for name, e in entries.items()} == {
         c["img32"].stem: "images", c["img24"].stem: "images", c["features"].stem: "features",
         c["old_images"].stem: "images", c["temp"].name: "temp", c["orphan"].stem: "incomplete",
-        c["fresh_orphan"].stem: "incomplete"}
+        c["fresh_orphan"].stem: "incomplete", c["dead_temp"].name: "temp", c["live_temp"].name: "temp"}
+    pid = c["dead_temp"].name.rsplit("-", 1)[1][:-4]
+    assert entries[c["dead_temp"].name].key == f"writer pid {pid} on {socket.gethostname()}: gone"
+    assert entries[c["live_temp"].name].key == f"writer pid {os.getpid()} on {socket.gethostname()}: running"
     assert entries[c["img32"].stem].size == size_of(c["img32"]) == 40 * 32 * 32 * 3 + 128 + \
         c["img32"].with_suffix(".json").stat().st_size
     assert entries[c["features"].stem].size == size_of(c["features"]) > 500 * 256 * 2
@@ -93,7 +108,7 @@ def test_list_shows_every_entry_with_kind_key_size_and_last_use(cache_folder):
     assert [e.name for e in tl_cache.scan(c["cache"])][:2] == [c["fresh_orphan"].stem, c["img24"].stem]
 
     out = cache_cli("list", "--cache-dir", str(c["cache"]))
-    assert f"{c['cache']}: 7 entries" in out
+    assert f"{c['cache']}: 9 entries" in out
     row = next(line for line in out.splitlines() if c["features"].stem in line)
     assert "features" in row and "rows=500" in row and f"{tl_cache._size(size_of(c['features']))} " in row and " 10 days ago" in row
     row = next(line for line in out.splitlines() if c["old_images"].stem in line)
@@ -112,14 +127,17 @@ def test_a_run_that_reuses_an_image_cache_marks_its_last_use(cache_folder, image
 
 def test_prune_older_than_removes_old_entries_but_never_a_temporary_file(cache_folder):
     c = cache_folder
-    freed, total = size_of(c["old_images"], c["features"]), sum(e.size for e in tl_cache.scan(c["cache"]))
+    freed = size_of(c["old_images"], c["features"]) + c["dead_temp"].stat().st_size
+    total = sum(e.size for e in tl_cache.scan(c["cache"]))
     out = cache_cli("prune", "--cache-dir", str(c["cache"]), "--older-than", "5")
     removed = re.findall(r"^removed (\S+) (\S+) \(", out, flags=re.M)
-    assert sorted(removed) == sorted([("images", c["old_images"].stem), ("features", c["features"].stem)])
+    assert sorted(removed) == sorted([("images", c["old_images"].stem), ("features", c["features"].stem),
+                                      ("temp", c["dead_temp"].name)])  # its writer is gone: always removed
+    assert c["live_temp"].exists() and not c["dead_temp"].exists()
     assert not c["old_images"].exists() and not c["old_images"].with_suffix(".json").exists()
     assert not c["features"].exists() and not c["features"].with_suffix(".json").exists()
     assert c["temp"].exists() and c["orphan"].exists() and c["img32"].exists() and c["img24"].exists()
-    assert f"removed 2 entries, {tl_cache._size(freed)} freed; {c['cache']} now holds " \
+    assert f"removed 3 entries, {tl_cache._size(freed)} freed; {c['cache']} now holds " \
         f"{tl_cache._size(total - freed)}" in out, out
 
 
@@ -127,7 +145,7 @@ def test_prune_max_gb_removes_the_least_recently_used_until_it_fits(cache_folder
     c = cache_folder
     entries = tl_cache.scan(c["cache"])
     total = sum(e.size for e in entries)
-    keep = size_of(c["img24"]) + c["temp"].stat().st_size + c["fresh_orphan"].stat().st_size
+    keep = size_of(c["img24"]) + sum(c[k].stat().st_size for k in ("temp", "live_temp", "fresh_orphan"))
     # Room for the newest image cache and what is never removed: everything older goes, oldest first.
     limit_gb = (keep + 10) / 1e9
     before = sorted(p.name for p in c["cache"].iterdir())
@@ -136,17 +154,19 @@ def test_prune_max_gb_removes_the_least_recently_used_until_it_fits(cache_folder
     assert all(p.exists() for p in (c["old_images"], c["features"], c["orphan"], c["img32"]))
     out = cache_cli("prune", "--cache-dir", str(c["cache"]), "--max-gb", f"{limit_gb:.12f}")
     order = re.findall(r"^removed \S+ (\S+) \(", out, flags=re.M)
-    assert order == [c["old_images"].stem, c["features"].stem, c["orphan"].stem, c["img32"].stem]
-    assert dry.replace("would remove", "removed").splitlines()[:4] == out.splitlines()[:4]
+    assert order == [c["dead_temp"].name, c["old_images"].stem, c["features"].stem, c["orphan"].stem, c["img32"].stem]
+    assert dry.replace("would remove", "removed").splitlines()[:5] == out.splitlines()[:5]
     assert sorted(p.name for p in c["cache"].iterdir()) == sorted(
-        [c["img24"].name, c["img24"].with_suffix(".json").name, c["temp"].name, c["fresh_orphan"].name])
+        [c["img24"].name, c["img24"].with_suffix(".json").name, c["temp"].name, c["live_temp"].name,
+         c["fresh_orphan"].name])
     assert sum(e.size for e in tl_cache.scan(c["cache"])) == keep < total
 
     # Below what can go: every removable entry goes, the temporary file and the fresh array stay, and it
     # says why the folder is still above the limit.
     out = cache_cli("prune", "--cache-dir", str(c["cache"]), "--max-gb", "0")
     assert re.findall(r"^removed \S+ (\S+) \(", out, flags=re.M) == [c["img24"].stem]
-    assert sorted(p.name for p in c["cache"].iterdir()) == sorted([c["temp"].name, c["fresh_orphan"].name])
+    assert sorted(p.name for p in c["cache"].iterdir()) == sorted(
+        [c["temp"].name, c["live_temp"].name, c["fresh_orphan"].name])
     assert "note: still above 0 GB" in out
 
 

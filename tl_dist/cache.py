@@ -7,7 +7,9 @@ incomplete): the decoded images (`images-<key>-<S>px`, data.ImageCache) and the 
 (`features-<key>`, sidecar {"kind": "features", "key": {...}, "rows": N}). An entry's last use is the newest
 modification time of its files; a run that reuses an entry touches its sidecar. `prune` removes the least
 recently used complete entries first, the sidecar before the array (so no run picks up a half-removed
-entry), and never a temporary file (a name starting with '.'): that is a writer's, live or crashed.
+entry). A temporary file (a name starting with '.') is a writer's: prune removes it only when that writer
+is gone (named `.<entry>.tmp-<host>-<pid>.npy`, data.ImageCache: a pid that no longer runs on this host, or
+untouched for a day whatever the host), and then whatever the criteria, since nothing can use it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import dataclasses
 import datetime
 import json
 import os
+import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +34,11 @@ ARRAY_SUFFIX = ".npy"
 GB = 1000 ** 3
 DAY = 86400.0
 ORPHAN_AGE = 3600.0  # an array without its sidecar this long after its last write: its writer crashed
+STALE_TMP_AGE = DAY  # as data.ImageCache.STALE_TMP_SECONDS: a live writer modifies its temp file all along
+# A writer's temp file, as data.ImageCache names it: `.<entry>.tmp-<host>-<pid>.npy` (or its .json), and the
+# older `.<entry>.<pid>-<time_ns>.npy`, written on this host.
+TMP_NAME = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)\.(npy|json)$")
+OLD_TMP_NAME = re.compile(r"^\..+px\.(?P<pid>\d+)-\d+\.npy$")
 
 
 def default_cache_dir() -> str:
@@ -45,6 +54,8 @@ class Entry:
     size: int  # bytes, all its files
     last_use: float  # newest mtime of its files (epoch seconds)
     key: str  # the key fields that tell entries apart, for people
+
+    writer_gone: bool = False  # a temp file whose writer is known to be gone
 
     @property
     def removable(self) -> bool:
@@ -86,7 +97,8 @@ def scan(cache_dir: Path) -> list[Entry]:
 def _entry(path: Path) -> Entry | None:
     if path.name.startswith("."):
         size, used = _stat([path])
-        return Entry(path.name, "temp", [path], size, used, "being written, or left by a crashed writer")
+        writer, gone = _writer(path.name, used)
+        return Entry(path.name, "temp", [path], size, used, writer, writer_gone=gone)
     if path.suffix != ARRAY_SUFFIX:
         return None  # a sidecar (read with its array) or a file that is not ours
     sidecar = path.with_suffix(SIDECAR_SUFFIX)
@@ -101,6 +113,25 @@ def _entry(path: Path) -> Entry | None:
     size, used = _stat([sidecar, path])
     return Entry(path.stem, kind if kind in KINDS else "other", [sidecar, path], size, used,
                  _key_fields(path.stem, meta if isinstance(meta, dict) else {}))
+
+
+def _writer(name: str, mtime: float) -> tuple[str, bool]:
+    """Who writes a temp file, for people, and whether that writer is gone."""
+    match = TMP_NAME.match(name) or OLD_TMP_NAME.match(name)
+    if match is None:
+        return "a writer's temporary file", False
+    host, pid = match.groupdict().get("host") or socket.gethostname(), int(match["pid"])
+    if time.time() - mtime > STALE_TMP_AGE:
+        return f"writer pid {pid} on {host}: untouched for a day, gone", True
+    if host != socket.gethostname():
+        return f"writer pid {pid} on {host}", False
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return f"writer pid {pid} on {host}: gone", True
+    except PermissionError:
+        pass  # it runs, as another user's process
+    return f"writer pid {pid} on {host}: running", False
 
 
 def _size(n: float) -> str:
@@ -132,11 +163,13 @@ def list_entries(cache_dir: Path, console) -> int:
 
 
 def choose(entries: list[Entry], max_bytes: float | None, older_than_days: float | None) -> list[Entry]:
-    """What prune removes: removable entries unused for longer than the age, then the least recently used
-    until everything left (temporary files included) fits in max_bytes."""
+    """What prune removes: temp files whose writer is gone, removable entries unused for longer than the
+    age, then the least recently used until everything left (live writers' temp files included) fits in
+    max_bytes."""
     now = time.time()
     removable = sorted((e for e in entries if e.removable), key=lambda e: e.last_use)
-    chosen = [e for e in removable if older_than_days is not None and now - e.last_use > older_than_days * DAY]
+    chosen = [e for e in entries if e.writer_gone]  # nothing can use them
+    chosen += [e for e in removable if older_than_days is not None and now - e.last_use > older_than_days * DAY]
     total = sum(e.size for e in entries) - sum(e.size for e in chosen)
     for e in removable:
         if max_bytes is None or total <= max_bytes:
@@ -157,13 +190,15 @@ def prune(cache_dir: Path, max_gb: float | None, older_than: float | None, dry_r
             for path in e.files:  # the sidecar first: from then on no run takes the entry as complete
                 path.unlink(missing_ok=True)
         freed += e.size
-        console.print(f"{verb} {e.kind} {e.name} ({_size(e.size)}, last use {_when(e.last_use)})")
+        why = f"; {e.key}" if e.kind == "temp" else ""
+        console.print(f"{verb} {e.kind} {e.name} ({_size(e.size)}, last use {_when(e.last_use)}{why})")
     left = sum(e.size for e in entries) - freed
     console.print(f"{verb} {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'}, {_size(freed)} freed; "
                   f"{cache_dir} {'would hold' if dry_run else 'now holds'} {_size(left)}")
     if max_gb is not None and left > max_gb * GB:
-        console.print(f"note: still above {max_gb:g} GB: the rest is temporary files of writers, live or "
-                      "crashed, or entries written within the last hour; prune never removes those")
+        console.print(f"note: still above {max_gb:g} GB: the rest is temporary files of running (or unknown) "
+                      "writers, or arrays written within the last hour whose sidecar is not there yet; prune "
+                      "never removes those")
     return 0
 
 
