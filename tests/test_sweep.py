@@ -140,7 +140,8 @@ def test_print_args_gives_a_configurations_training_options(grid_sweep, tmp_path
 
 def test_a_second_sweep_skips_finished_runs_and_continues_the_others(grid_sweep, tmp_path):
     """Run again over a copy: 0 and 2 finished (skipped, untouched), 1 interrupted before its final model
-    (continued from its checkpoint), 3 never started (started); the new runs on 2 processes."""
+    (continued from its checkpoint), 3 never started (started alone with --index 3 first, then skipped);
+    the new runs on 2 processes."""
     sweep_file, out, data, cache, _ = grid_sweep
     copy = tmp_path / "sweep"
     shutil.copytree(out, copy)
@@ -148,11 +149,20 @@ def test_a_second_sweep_skips_finished_runs_and_continues_the_others(grid_sweep,
     (copy / FOLDERS[1] / "metrics.json").unlink()
     shutil.rmtree(copy / FOLDERS[3])
     untouched = {n: (copy / n / "metrics.json").stat().st_mtime_ns for n in (FOLDERS[0], FOLDERS[2])}
+    summary = (copy / "summary.csv").read_text()
+
+    # --index 3: that configuration only (what an array task runs), and no summary.
+    one = run_module(sweep_args(sweep_file, copy, data, cache, "--num-processes", "2", "--index", "3"),
+                     module="tl_dist.sweep")
+    assert one.returncode == 0, one.stdout[-4000:] + one.stderr[-4000:]
+    assert f"[4/4] {FOLDERS[3]}: starting" in one.stdout and "[1/4]" not in one.stdout and "[2/4]" not in one.stdout
+    assert (copy / FOLDERS[3] / "model").is_dir() and not (copy / FOLDERS[1] / "model").exists()
+    assert (copy / "summary.csv").read_text() == summary
 
     proc = run_module(sweep_args(sweep_file, copy, data, cache, "--num-processes", "2"), module="tl_dist.sweep")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     for i, (name, what) in enumerate(zip(FOLDERS, ["finished already, skipped", "continuing",
-                                                   "finished already, skipped", "starting"])):
+                                                   "finished already, skipped", "finished already, skipped"])):
         assert f"[{i + 1}/4] {name}: {what}" in proc.stdout
     assert {n: (copy / n / "metrics.json").stat().st_mtime_ns for n in untouched} == untouched
     assert "resumed from" in proc.stdout and "checkpoints/step_" in proc.stdout
