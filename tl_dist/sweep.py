@@ -223,9 +223,14 @@ def configurations(sweep: Sweep, seed: int, runs: int | None) -> list[dict]:
 
 
 def varying(sweep: Sweep) -> list[str]:
-    """The parameters that differ between configurations (they name the run folders)."""
-    return [n for n, s in sweep.parameters.items() if "value" not in s or "distribution" in s and
-            s["distribution"] != "constant"]
+    """The parameters whose value can differ between configurations, from the file alone (so the run
+    folders they name stay the same whatever --runs says)."""
+    def fixed(spec: dict) -> bool:
+        if "values" in spec:
+            return len(spec["values"]) == 1
+        return spec.get("distribution", "constant" if "value" in spec else None) == "constant"
+
+    return [name for name, spec in sweep.parameters.items() if not fixed(spec)]
 
 
 def _short(value) -> str:
@@ -237,7 +242,12 @@ def folder_names(sweep: Sweep, configs: list[dict]) -> list[str]:
     """`<NN>-<name>=<value>,...` (hydra's multirun style), the index first so names stay unique and sorted."""
     width = max(2, len(str(len(configs) - 1)))
     names = varying(sweep)
-    return [f"{i:0{width}d}-" + ",".join(f"{n}={_short(c[n])}" for n in names)[:80] for i, c in enumerate(configs)]
+
+    def name(i: int, config: dict) -> str:
+        options = ",".join(f"{n}={_short(config[n])}" for n in names)[:80]
+        return f"{i:0{width}d}" + (f"-{options}" if options else "")
+
+    return [name(i, c) for i, c in enumerate(configs)]
 
 
 # ---------------------------------------------------------------- one run's options
