@@ -390,8 +390,8 @@ def run_sweep(plan: Plan, indices: list[int], num_processes: int, accelerate_con
         print_line(f"[{i + 1}/{len(plan.configs)}] {folder.name}: "
                    + ("continuing" if RunDir(folder).holds_run() else "starting") + f" in {folder}")
         code, stop = run_child(launcher(num_processes, accelerate_config, cfg) + plan.argvs[i], RunDir(folder))
-        if code != 0:
-            statuses[i] = "stopped" if code == EXIT_STOPPED else f"failed (exit {code})"
+        if code != 0:  # accelerate launch exits 1 where its run exits 75: a signal tells those apart
+            statuses[i] = "stopped" if code == EXIT_STOPPED or stop else f"failed (exit {code})"
             print_line(f"[{i + 1}/{len(plan.configs)}] {folder.name}: {statuses[i]}")
         if stop or code == EXIT_STOPPED:
             return statuses, True
