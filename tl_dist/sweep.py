@@ -573,15 +573,17 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # a log: the table's run folders and the paths stay whole
         console = Console(highlight=False, width=max(console.width, 200), soft_wrap=True)
     try:
+        if args.count:  # the file alone: no seed changes how many (and no torch import to check options)
+            if args.runs is not None and args.runs < 1:
+                raise SweepError("--runs must be a positive integer")
+            print(len(configurations(read_sweep(args.sweep_file), 0, args.runs)))
+            return 0
         plan = resolve(args, train_argv)
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for note in plan.sweep.notes:
         print(f"note: {note}", file=sys.stderr)
-    if args.count:
-        print(len(plan.configs))
-        return 0
     if args.print_args:
         if is_finished(plan.folders[args.index], plan.cfgs[args.index]):
             print(f"{plan.folders[args.index]} is finished already: nothing to run", file=sys.stderr)
