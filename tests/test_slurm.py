@@ -7,7 +7,9 @@ gloo. The four jobs are submitted together and run side by side:
 3. `scancel --signal=USR1 --batch` during training: a checkpoint, a requeue, a resumed run that finishes,
    one W&B run id from start to end and no training step logged twice;
 4. a user error (a missing --data-dir) with 2 processes: the job fails and its log ends with the training's
-   one `error:` line (repeated by the script after torchrun's report).
+   one `error:` line (repeated by the script after torchrun's report);
+5. launch/slurm_sweep.sbatch as a 2-task job array: one configuration per task, each a finished run in its
+   own folder, collected by `python -m tl_dist.sweep ... --summary` (submitted on its own).
 
 All four are submitted with a user's Accelerate default config in place (HF_HOME, with `gpu_ids: '0'`,
 tests/accelerate_user_config.py): the scripts launch with the repository's configs, so it does not merge in.
@@ -18,7 +20,9 @@ failed instead under CI=true as root, where .ci/run installs them.
 
 from __future__ import annotations
 
+import csv
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -219,3 +223,110 @@ def test_a_failed_job_log_ends_with_the_training_error(slurm_jobs):
     assert [line for line in lines if line.startswith("error:")] == [lines[-1].partition(": ")[2]], job.diagnose()
     assert "ChildFailedError" in job.text()  # torchrun's report, between the error and the last line
     assert re.fullmatch(r"\S+ \S+ training exited with code 1: " + re.escape(error) + ".*", lines[-1]), lines[-1]
+
+
+# ---------------------------------------------------------------- a sweep as a job array
+
+SWEEP = """\
+name: slurm-grid
+method: grid
+parameters:
+  lr: {values: [0.05, 0.01]}
+  epochs: {value: 1}
+"""
+
+
+@pytest.fixture(scope="session")
+def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
+    """launch/slurm_sweep.sbatch over a 2-configuration grid: `sbatch --array=0-1`, one configuration per
+    task (one process each), then the summary command. Submitted on its own (the other jobs' fixture is
+    not needed), so `-k sweep` runs it alone."""
+    root = tmp_path_factory.mktemp("slurm_sweep")
+    sweep_file = root / "grid.yaml"
+    sweep_file.write_text(SWEEP)
+    env = {k: v for k, v in run_env({"PYTHON": sys.executable}).items()
+           if not k.startswith("SLURM_") and k not in ("TL_DIST_REPO",)}
+    env["SLURM_CONF"] = str(slurm_cluster.conf)
+    env["HF_HOME"] = str(write_user_default_config(root / "hf_home"))
+    out = root / "sweep"
+    array_id = slurm_cluster.sbatch(
+        "--array=0-1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={root}/sweep-%A_%a.out",
+        str(REPO / "launch" / "slurm_sweep.sbatch"), str(sweep_file),
+        *train_args(image_tree, root / "cache", "--output-dir", str(out)), cwd=REPO, env=env)
+    tasks = [Job(slurm_cluster, f"{array_id}_{i}", out, root / f"sweep-{array_id}_{i}.out") for i in range(2)]
+
+    # A long configuration (task 1 of a 2-configuration sweep, the only one submitted) for the signal test.
+    long_file = root / "long.yaml"
+    long_file.write_text(f"name: slurm-long\nmethod: grid\nparameters:\n  lr: {{values: [0.05, 0.02]}}\n"
+                         f"  epochs: {{value: {SIGNAL_EPOCHS}}}\n")
+    long_out = root / "long"
+    long_id = slurm_cluster.sbatch(
+        "--array=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={root}/long-%A_%a.out",
+        str(REPO / "launch" / "slurm_sweep.sbatch"), str(long_file),
+        *train_args(image_tree, root / "cache-long", "--freeze", "none", "--checkpoint-every-epochs", "0",
+                    "--checkpoint-every-steps", "5", "--output-dir", str(long_out)), cwd=REPO, env=env)
+    long_task = Job(slurm_cluster, f"{long_id}_1", long_out / "01-lr=0.02", root / f"long-{long_id}_1.out")
+    return sweep_file, out, tasks, env, long_task
+
+
+def test_a_sweep_runs_as_a_job_array_one_configuration_per_task(sweep_array, image_tree):
+    sweep_file, out, tasks, env, _ = sweep_array
+    folders = [out / "00-lr=0.05", out / "01-lr=0.01"]
+    for i, (task, folder) in enumerate(zip(tasks, folders)):
+        task.assert_completed()
+        text = task.text()
+        assert f"array task {i} of job {task.id.split('_')[0]}" in text and f"run folder {folder}" in text, task.diagnose()
+        assert "1 CPU process(es) (no CUDA device)" in text
+        assert "training exited with code 0" in text
+        metrics = read_metrics(folder)
+        assert metrics["config"]["lr"] == [0.05, 0.01][i] and metrics["config"]["epochs"] == 1
+        assert metrics["train"]["global_step"] == 8  # 32 training images at batch 4, one process
+        (run,) = wandb_reader.run_dirs(folder / "wandb")
+        record = next(r.run for r in wandb_reader.records(run) if r.WhichOneof("record_type") == "run")
+        assert record.run_group == "slurm-grid"
+    assert sorted(p.name for p in out.iterdir()) == [f.name for f in folders]
+
+    # The summary command collects the array's runs.
+    proc = subprocess.run([sys.executable, "-m", "tl_dist.sweep", str(sweep_file), "--summary", "--output-dir",
+                           str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    losses = {r["run_folder"]: read_metrics(r["run_folder"])["train"]["epoch_loss"][-1] for r in rows}
+    assert [r["run_folder"] for r in rows] == sorted(map(str, folders), key=losses.get)
+    assert [(r["rank"], r["status"]) for r in rows] == [("1", "finished"), ("2", "finished")]
+
+    # A task run again (a requeue after its run finished) finds its configuration finished and trains nothing.
+    again = tasks[0].cluster.sbatch(
+        "--array=0", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={out.parent}/again-%A_%a.out",
+        str(REPO / "launch" / "slurm_sweep.sbatch"), str(sweep_file),
+        *train_args(image_tree, out.parent / "cache", "--output-dir", str(out)), cwd=REPO, env=env)
+    task = Job(tasks[0].cluster, f"{again}_0", out, out.parent / f"again-{again}_0.out")
+    task.assert_completed()
+    assert "array task 0: configuration 0 is finished already" in task.text(), task.diagnose()
+
+
+def test_a_signalled_array_task_requeues_and_resumes_its_configuration(sweep_array):
+    """USR1 to one array task: its run checkpoints, the task requeues itself and, started again, resumes
+    that configuration's run from the checkpoint to the end."""
+    job = sweep_array[4]
+    cluster = job.cluster
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not list((job.out / "checkpoints").glob("step_*/train_state.json")):
+        assert cluster.job(job.id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job.diagnose()
+        assert time.monotonic() < deadline, job.diagnose()
+        time.sleep(0.2)
+    cluster.run("scancel", "--signal=USR1", "--batch", job.id)
+    requeued = job.wait(condition=lambda j: j.get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= 1)
+    assert requeued["JobState"] == "PENDING", f"the task ended instead of requeueing\n{job.diagnose()}"
+    time.sleep(2)  # slurmd refuses to start a job in the second it killed it
+    cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now")
+    assert job.assert_completed()["Restarts"] == "1"
+    text = job.text()
+    assert "requeueing job" in text and "restart 1) on" in text, job.diagnose()
+    stopped = re.search(r"saving\s+a\s+checkpoint\s+at\s+step\s+(\d+)", text)
+    assert stopped, job.diagnose()
+    assert re.search(rf"resumed\s+from\s+\S*01-lr=0.02/checkpoints/step_{stopped.group(1)}\s", text), job.diagnose()
+    metrics = read_metrics(job.out)
+    assert metrics["config"]["lr"] == 0.02 and metrics["train"]["global_step"] == 8 * SIGNAL_EPOCHS
+    assert not (job.out.parent / "00-lr=0.05").exists()  # the other configuration was not submitted

@@ -355,6 +355,8 @@ class ImageCache:
         os.replace(tmp_meta, self.meta_path)
 
     def bad_files(self) -> dict[str, str]:
+        with contextlib.suppress(OSError):  # each run that uses the cache marks its last use (tl_dist.cache)
+            os.utime(self.meta_path)
         return json.loads(self.meta_path.read_text())["bad"]
 
 
