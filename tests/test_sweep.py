@@ -380,3 +380,27 @@ def test_resume_is_the_sweeps_own(tmp_path, capsys):
     sweep_file.write_text(GRID)
     assert sw.main([str(sweep_file), "--resume", "auto"]) == 2
     assert capsys.readouterr().err.startswith("error: --resume: the sweep resumes each run itself")
+
+
+def test_a_sweep_with_a_validation_split_ranks_on_it_and_shares_the_features(tmp_path):
+    """Real runs with --val-fraction: summary.csv holds each run's own val/accuracy from its metrics.json,
+    the ranking follows it, and every configuration after the first reuses the first one's features."""
+    data = make_image_tree(tmp_path / "data")
+    sweep_file = tmp_path / "lr.yaml"
+    sweep_file.write_text("name: lr\nmethod: grid\nparameters:\n  lr: {values: [0.05, 0.001]}\n  epochs: {value: 1}\n")
+    out = tmp_path / "sweep"
+    proc = run_module(sweep_args(sweep_file, out, data, tmp_path / "cache", "--val-fraction", "0.25",
+                                 "--wandb-mode", "disabled"), module="tl_dist.sweep")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "ranked on the final training loss" not in proc.stdout
+    rows = read_summary(out)
+    assert len(rows) == 2
+    for row in rows:
+        folder = Path(row["run_folder"])
+        metrics = read_metrics(folder if folder.is_absolute() else out / folder)
+        assert float(row["val_accuracy"]) == pytest.approx(metrics["val"]["accuracy"])
+        assert float(row["val_loss"]) == pytest.approx(metrics["val"]["loss"])
+    ranked = sorted(rows, key=lambda r: int(r["rank"]))
+    assert (float(ranked[0]["val_accuracy"]), -float(ranked[0]["val_loss"])) >= \
+        (float(ranked[1]["val_accuracy"]), -float(ranked[1]["val_loss"]))
+    assert proc.stdout.count("features: reused") == 1
