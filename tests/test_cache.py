@@ -31,8 +31,10 @@ def set_age(days: float, *paths) -> None:
 
 
 def train(image_tree, tmp_path, cache, name: str, size: int, capsys) -> str:
+    # image caches only (features on disk have their own entries and tests: tests/test_feature_store.py)
     args = tiny_args(image_tree, tmp_path / name, cache, "--image-size", str(size), "--max-steps", "1",
-                     "--epochs", "1", "--wandb-mode", "disabled", "--checkpoint-every-epochs", "0")
+                     "--epochs", "1", "--wandb-mode", "disabled", "--checkpoint-every-epochs", "0",
+                     "--cache-features", "off")
     code = train_in_process(args)
     out = capsys.readouterr()
     assert code == 0, out.out[-3000:] + out.err[-3000:]

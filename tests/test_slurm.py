@@ -263,8 +263,10 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
     long_id = slurm_cluster.sbatch(
         "--array=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={root}/long-%A_%a.out",
         str(REPO / "launch" / "slurm_sweep.sbatch"), str(long_file),
+        # 96 px: steps slow enough that the run is still training when the signal comes on an idle machine
         *train_args(image_tree, root / "cache-long", "--freeze", "none", "--checkpoint-every-epochs", "0",
-                    "--checkpoint-every-steps", "5", "--output-dir", str(long_out)), cwd=REPO, env=env)
+                    "--checkpoint-every-steps", "5", "--image-size", "96", "--output-dir", str(long_out)),
+        cwd=REPO, env=env)
     long_task = Job(slurm_cluster, f"{long_id}_1", long_out / "01-lr=0.02", root / f"long-{long_id}_1.out")
     return sweep_file, out, tasks, env, long_task
 

@@ -367,7 +367,7 @@ def test_a_bad_sweep_file_gets_one_error_line_and_writes_nothing(case, tmp_path,
     sweep_file = tmp_path / "bad.yaml"
     sweep_file.write_text(text)
     out = tmp_path / "out"
-    code = sw.main([str(sweep_file), "--output-dir", str(out), "--model", "vgg_tiny"])
+    code = sw.main([str(sweep_file), "--output-dir", str(out), "--model", "vgg_tiny", "--weights", "none"])
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err

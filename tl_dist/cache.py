@@ -95,6 +95,8 @@ def scan(cache_dir: Path) -> list[Entry]:
 
 
 def _entry(path: Path) -> Entry | None:
+    if path.name.startswith(".features-") and path.suffix == ".lock":
+        return None  # the features' build lock (empty): removed with its entry
     if path.name.startswith("."):
         size, used = _stat([path])
         writer, gone = _writer(path.name, used)
@@ -111,7 +113,9 @@ def _entry(path: Path) -> Entry | None:
         meta = {}
     kind = meta.get("kind") or path.stem.split("-")[0]
     size, used = _stat([sidecar, path])
-    return Entry(path.stem, kind if kind in KINDS else "other", [sidecar, path], size, used,
+    lock = path.with_name(f".{path.stem}.lock")  # features only; prune removes it with the entry
+    files = [sidecar, path] + ([lock] if lock.exists() else [])
+    return Entry(path.stem, kind if kind in KINDS else "other", files, size, used,
                  _key_fields(path.stem, meta if isinstance(meta, dict) else {}))
 
 
