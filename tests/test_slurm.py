@@ -287,6 +287,10 @@ def test_a_sweep_runs_as_a_job_array_one_configuration_per_task(sweep_array, ima
         record = next(r.run for r in wandb_reader.records(run) if r.WhichOneof("record_type") == "run")
         assert record.run_group == "slurm-grid"
     assert sorted(p.name for p in out.iterdir()) == [f.name for f in folders]
+    # The two tasks need the same frozen-backbone features: one computes them, the other (waiting on the
+    # features' lock if they ran at once) reuses them and says so in its Slurm output.
+    said = ["features: reused" in task.text() for task in tasks]
+    assert sorted(said) == [False, True], [task.diagnose() for task in tasks]
 
     # The summary command collects the array's runs.
     proc = subprocess.run([sys.executable, "-m", "tl_dist.sweep", str(sweep_file), "--summary", "--output-dir",
