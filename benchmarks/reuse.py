@@ -53,7 +53,7 @@ def runs(a, work: Path) -> None:
 
 
 CHILD = r"""
-import resource, sys, torch
+import sys, torch
 from tl_dist.data import GlobalBatchSampler, make_loader
 from tl_dist.features import FeatureStore, StoredFeatures
 path, rows, dim, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -78,7 +78,8 @@ sampler = GlobalBatchSampler(rows, 32, 1, 0, seed=0)
 for xb, yb, _ in make_loader(data, sampler):
     loss = torch.nn.functional.cross_entropy(head(xb.float()), yb)
     loss.backward(); opt.step(); opt.zero_grad()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this process' own peak (ru_maxrss would start from the parent's resident size at fork)
+print(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
 """
 
 
