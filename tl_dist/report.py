@@ -35,7 +35,7 @@ from torchvision.utils import make_grid
 from tl_dist.metrics import class_scores, confusion_matrix
 
 from tl_dist.run_dir import (CONFUSION_CSV, CONFUSION_PNG, FINAL_MODEL, METRICS_FILE, MISTAKES_CSV,  # noqa: F401
-                             MISTAKES_PNG, PER_CLASS_CSV, is_disk_full)
+                             MISTAKES_PNG, PER_CLASS_CSV, is_disk_full, report_files)
 
 MAX_MATRIX_CLASSES = 30  # more rows than this are unreadable in a picture; the CSV has them all
 MAX_PAIRS = 20  # confused pairs listed beside the matrix
@@ -115,13 +115,6 @@ def build_report(outputs: dict, classes: list[str], max_mistakes: int = MAX_MIST
 
 
 # ---------------------------------------------------------------- files
-
-
-def report_files(run_dir: Path) -> dict[str, Path]:
-    run_dir = Path(run_dir)
-    return {"per-class table": run_dir / PER_CLASS_CSV, "confusion matrix": run_dir / CONFUSION_PNG,
-            "confusion matrix, all classes": run_dir / CONFUSION_CSV, "worst mistakes": run_dir / MISTAKES_PNG,
-            "worst mistakes, with files": run_dir / MISTAKES_CSV}
 
 
 def write_report(report: Report, folder: Path, test_images, test_files: list[str], warn=print) -> None:

@@ -74,6 +74,14 @@ class DiskFullError(OSError):
 # ---------------------------------------------------------------- atomic writes
 
 
+def report_files(folder: Path) -> dict[str, Path]:
+    """The report's files in a run folder (or an eval/<model>/ folder), by what they show."""
+    folder = Path(folder)
+    return {"per-class table": folder / PER_CLASS_CSV, "confusion matrix": folder / CONFUSION_PNG,
+            "confusion matrix, all classes": folder / CONFUSION_CSV, "worst mistakes": folder / MISTAKES_PNG,
+            "worst mistakes, with files": folder / MISTAKES_CSV}
+
+
 def write_text(path: Path, text: str) -> None:
     """Write to a temporary name, then rename: readers (a resumed run too, after a kill) see the old file
     or the new one, never an empty or half-written one. A failed write leaves no temporary file."""
@@ -205,9 +213,6 @@ class RunDir:
     def __fspath__(self) -> str:
         return str(self.path)
 
-    def __truediv__(self, name: str) -> Path:
-        return self.path / name
-
     # -- paths
     split = property(lambda self: self.path / SPLIT_FILE)
     config = property(lambda self: self.path / CONFIG_FILE)
@@ -221,12 +226,6 @@ class RunDir:
 
     def eval_dir(self, model_folder: Path) -> Path:
         return self.path / EVAL_DIR / Path(model_folder).name
-
-    def report_files(self, folder: Path | None = None) -> dict[str, Path]:
-        base = Path(folder) if folder is not None else self.path
-        return {"per-class table": base / PER_CLASS_CSV, "confusion matrix": base / CONFUSION_PNG,
-                "confusion matrix, all classes": base / CONFUSION_CSV, "worst mistakes": base / MISTAKES_PNG,
-                "worst mistakes, with files": base / MISTAKES_CSV}
 
     # -- what it holds
     def holds_run(self) -> bool:
