@@ -34,8 +34,7 @@ from torchvision.utils import make_grid
 
 from tl_dist.metrics import class_scores, confusion_matrix
 
-from tl_dist.run_dir import (CONFUSION_CSV, CONFUSION_PNG, FINAL_MODEL, METRICS_FILE, MISTAKES_CSV,  # noqa: F401
-                             MISTAKES_PNG, PER_CLASS_CSV, is_disk_full, report_files)
+from tl_dist.run_dir import CONFUSION_CSV, FINAL_MODEL, METRICS_FILE, is_disk_full, report_files
 
 MAX_MATRIX_CLASSES = 30  # more rows than this are unreadable in a picture; the CSV has them all
 MAX_PAIRS = 20  # confused pairs listed beside the matrix

@@ -156,30 +156,78 @@ def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_d
     return index, None
 
 
+@dataclass(frozen=True)
+class CacheGroup:
+    """The processes that see the same --cache-dir folder: all of them when the nodes share it, each
+    node's own when every node has its own disk at that path. In each group one process writes a cache
+    file (the first, `writer`) and the group's processes decode their share of it (`rank` of `size`)."""
+    ranks: tuple[int, ...]  # global process indices, ascending
+    process: int
+
+    @property
+    def writer(self) -> bool:
+        return self.process == self.ranks[0]
+
+    @property
+    def rank(self) -> int:
+        return self.ranks.index(self.process)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+def cache_group(accelerator: Accelerator, cache_dir: Path) -> CacheGroup:
+    """Found by looking: every process creates a file named after its index in the cache folder, then
+    lists which processes' files it sees. Two processes share a cache file only when each sees the
+    other's; if a network file system's late view makes those answers disagree, each node uses its own
+    group (correct, only slower: a shared folder then gets identical copies, renamed into place)."""
+    if accelerator.num_processes == 1:
+        return CacheGroup((0,), 0)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    token = broadcast_object_list([os.urandom(8).hex()])[0]
+    probe = cache_dir / f".probe-{token}-{accelerator.process_index}"
+    probe.touch()
+    accelerator.wait_for_everyone()
+    everyone = range(accelerator.num_processes)
+    sees = gather_object([[i for i in everyone if (cache_dir / f".probe-{token}-{i}").exists()]])
+    node = gather_object([accelerator.process_index - accelerator.local_process_index])
+    accelerator.wait_for_everyone()
+    probe.unlink(missing_ok=True)
+    groups = [tuple(j for j in sees[i] if i in sees[j]) for i in everyone]
+    if any(groups[j] != groups[i] for i in everyone for j in groups[i]):
+        groups = [tuple(j for j in everyone if node[j] == node[i]) for i in everyone]
+    return CacheGroup(groups[accelerator.process_index], accelerator.process_index)
+
+
 def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole, index: ImageIndex,
-                      threads: int) -> tuple[Path, dict[str, str]]:
-    """Decode every image once into the cache (this is also the verify pass), sharded over the processes.
-    Returns the cache file and {file: why} for the files that could not be decoded."""
+                      group: CacheGroup, threads: int) -> tuple[Path, dict[str, str]]:
+    """Decode every image once into the cache (this is also the verify pass), sharded over the processes
+    of each cache group. Returns the cache file and {file: why} for the files that could not be decoded."""
     cache_dir, data_dir = Path(cfg.cache_dir).resolve(), index.root.resolve()
     if cache_dir == data_dir or data_dir in cache_dir.parents:
         raise DataError(f"--cache-dir {cfg.cache_dir} is inside --data-dir; choose a folder outside it.")
     cache = ImageCache(cache_dir, index, cfg.image_size)
-    # Ctrl-C or SIGTERM: the main process removes the temp file it created, then main() exits 75.
-    with stop_on_signals("decoding images"), cache.building(accelerator.is_main_process, console.print) as tmp:
-        tmp = broadcast_object_list([tmp])[0]
-        if tmp is not None:
-            console.print(f"decoding {len(index)} images once into {cache.array_path} ...")
-            rows = range(accelerator.process_index, len(index), accelerator.num_processes)
-            # The main process shows its own shard's progress scaled to all images (shards differ by <= 1).
-            with console.phase("decoding", len(index)) as progress:
-                bad = cache.fill(tmp, rows, threads, lambda done: progress.update(done * len(index) // len(rows)))
+    # Ctrl-C or SIGTERM: the writer removes the temp file it created, then main() exits 75.
+    with stop_on_signals("decoding images"), cache.building(group.writer, console.print) as tmp:
+        tmps = gather_object([tmp])  # each group's writer's temp file, or None where its cache is complete
+        tmp = tmps[group.ranks[0]]
+        if any(t is not None for t in tmps):
+            bad = {}
+            if tmp is None:  # only other nodes, each with its own --cache-dir disk, lack the decoded images
+                console.print(f"waiting for the nodes whose --cache-dir lacks {cache.array_path.name} to decode it")
+            else:
+                console.print(f"decoding {len(index)} images once into {cache.array_path} ...")
+                rows = range(group.rank, len(index), group.size)
+                # The main process shows its own shard's progress scaled to all images (shards differ by <= 1).
+                with console.phase("decoding", len(index)) as progress:
+                    bad = cache.fill(tmp, rows, threads,
+                                     lambda done: progress.update(done * len(index) // len(rows)))
             merged = {row: why for part in gather_object([bad]) for row, why in part.items()}
-            if accelerator.is_main_process:
+            if tmp is not None and group.writer:
                 cache.publish(tmp, merged)
             accelerator.wait_for_everyone()
     return cache.array_path, cache.bad_files()
-
-
 
 
 @dataclass
@@ -188,6 +236,7 @@ class PreparedData:
     index: ImageIndex
     array_path: Path  # the decoded-image cache, one row per index file
     bad: dict[str, str]  # files that could not be decoded, and why
+    cache_group: CacheGroup  # the processes that see the same --cache-dir
     train_rows: list[int]
     val_rows: list[int]  # empty without --val-fraction
     test_rows: list[int]
@@ -201,7 +250,11 @@ def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run
     """Index (or read the run's split), decode every image once into the cache (the verify pass), and
     split the files that decoded."""
     index, rows = load_index(cfg, accelerator, console, run_dir)
-    array_path, bad = build_image_cache(cfg, accelerator, console, index, threads)
+    group = cache_group(accelerator, Path(cfg.cache_dir))
+    if group.size < accelerator.num_processes:
+        console.print(f"--cache-dir {cfg.cache_dir} is not shared between the nodes: each node builds or reads "
+                      f"its own copy of the caches")
+    array_path, bad = build_image_cache(cfg, accelerator, console, index, group, threads)
     if bad:
         console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
                      f"{run_dir.skipped}): " + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
@@ -213,7 +266,7 @@ def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run
     elif any(index.files[r] in bad for part in rows for r in part):
         raise DataError(f"files of this run's split can no longer be decoded (listed above); restore them in "
                         f"--data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
-    return PreparedData(index, array_path, bad, *rows)
+    return PreparedData(index, array_path, bad, group, *rows)
 
 
 def split_rows(cfg: Config, index: ImageIndex, rows: list[int]) -> list[list[int]]:
@@ -250,8 +303,9 @@ def build_feature_store(cfg: Config, accelerator: Accelerator, console: RunConso
         "image_size": cfg.image_size, "precision": accelerator.mixed_precision, "channels_last": cfg.channels_last})
     lock = store.locked(console.print) if accelerator.is_main_process else contextlib.nullcontext()
     with lock:  # held by the main process: of several runs that need these features, one computes them
-        missing = gather_object([accelerator.is_local_main_process and not store.complete()])
-        seconds = compute_features(cfg, accelerator, console, model, data, store) if any(missing) else None
+        writes = data.cache_group.writer and not store.complete()
+        missing = any(gather_object([writes]))
+        seconds = compute_features(cfg, accelerator, console, model, data, store, writes) if missing else None
         accelerator.wait_for_everyone()
     if seconds is None:
         store.touch()
@@ -260,11 +314,10 @@ def build_feature_store(cfg: Config, accelerator: Accelerator, console: RunConso
 
 
 def compute_features(cfg: Config, accelerator: Accelerator, console: RunConsole, model, data: PreparedData,
-                     store: FeatureStore) -> float:
-    """Every process computes its shard; the main process of each node that lacks the file writes the
-    gathered rows into its temporary file, then puts it in place. Returns the seconds it took."""
+                     store: FeatureStore, writes: bool) -> float:
+    """Every process computes its shard; the writer of each cache group that lacks the file (`writes`)
+    puts the gathered rows into its temporary file, then puts it in place. Returns the seconds it took."""
     rows = np.array(sorted(data.train_rows + data.val_rows + data.test_rows))
-    writes = accelerator.is_local_main_process and not store.complete()
     array, dtype = None, None
 
     def write(positions: torch.Tensor, features: torch.Tensor) -> None:
