@@ -21,6 +21,8 @@ failed instead under CI=true as root, where .ci/run installs them.
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -125,6 +127,15 @@ def slurm_jobs(slurm_cluster, image_tree, tmp_path_factory) -> dict[str, Job]:
         cwd=REPO, env=env)
     jobs["signal"] = Job(slurm_cluster, job_id, out, root / f"signal-{job_id}.out")
 
+    # The multi-node job again, with each node's own disk at the --cache-dir path (node-local scratch).
+    out, cache = root / "node-local", root / "cache-node-local"
+    cache.mkdir()
+    job_id = slurm_cluster.sbatch(
+        "--nodes=2", *common, f"--output={root}/node-local-%j.out", str(REPO / "launch" / "slurm_multi_node.sbatch"),
+        *train_args(image_tree, cache, "--epochs", "2", "--output-dir", str(out)),
+        cwd=REPO, env={**env, "PYTHON": str(node_local_python(root / "disks", cache))})
+    jobs["node_local"] = Job(slurm_cluster, job_id, out, root / f"node-local-{job_id}.out")
+
     # A user error with 2 processes (torchrun's report follows the training's error line): queued behind
     # the others, it fails within seconds of starting.
     job_id = slurm_cluster.sbatch(
@@ -133,6 +144,26 @@ def slurm_jobs(slurm_cluster, image_tree, tmp_path_factory) -> dict[str, Job]:
         cwd=REPO, env=env)
     jobs["error"] = Job(slurm_cluster, job_id, root / "error", root / f"error-{job_id}.out")
     return jobs
+
+
+def node_local_python(disks: Path, cache: Path) -> Path:
+    """The interpreter for the job, in a private mount namespace where `disks/<node name>` is mounted on
+    `cache`: the test cluster's nodes all run on this machine, and this gives each its own disk at the same
+    path, as node-local scratch does."""
+    script = disks.parent / "node-local-python"
+    script.write_text(f"""#!/bin/bash
+disk={disks}/${{SLURMD_NODENAME:?}}
+mkdir -p "$disk"
+exec unshare --mount --propagation private /bin/bash -c 'mount --bind "$1" "$2" && shift 2 && exec "$@"' \\
+  bash "$disk" {cache} {sys.executable} "$@"
+""")
+    script.chmod(0o755)
+    return script
+
+
+def cache_files(folder: Path) -> dict[str, str]:
+    """{name: sha256} of every file in a cache folder."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -205,6 +236,28 @@ def test_multi_node_job_trains_on_two_nodes(slurm_jobs):
     assert train_steps(folders[0]) == [1, 2, 3, 4]
 
 
+def test_multi_node_caches_in_a_shared_and_in_node_local_cache_dir(slurm_jobs):
+    """Shared --cache-dir: one copy of each cache, written once. Node-local (each node its own disk at that
+    path): each node builds its own, identical copies, and the run's results are the shared run's."""
+    shared, local = slurm_jobs["multi"], slurm_jobs["node_local"]
+    shared.assert_completed()
+    local.assert_completed()
+    assert "is not shared between the nodes" not in shared.text(), shared.diagnose()
+    assert "is not shared between the nodes: each node builds or reads its own copy" in local.text(), local.diagnose()
+    files = cache_files(shared.out.parent / "cache-multi")
+    assert sorted(name.split("-")[0] + Path(name).suffix for name in files) == [
+        ".features.lock", "features.json", "features.npy", "images.json", "images.npy"], files  # no temp or probe file
+    assert [name for name in os.listdir(shared.out.parent / "cache-node-local")] == []  # under the mounts
+    disks = sorted((shared.out.parent / "disks").iterdir())
+    assert len(disks) == 2, disks  # the job's two nodes
+    arrays = [{k: v for k, v in cache_files(d).items() if k.endswith(".npy")} for d in disks]
+    assert arrays[0] == arrays[1] == {k: v for k, v in files.items() if k.endswith(".npy")}
+    assert sorted(cache_files(disks[0])) == sorted(files)
+    a, b = read_metrics(shared.out), read_metrics(local.out)
+    assert b["train"]["epoch_loss"] == pytest.approx(a["train"]["epoch_loss"], rel=1e-6)
+    assert b["test"]["accuracy"] == a["test"]["accuracy"] and b["test"]["loss"] == pytest.approx(a["test"]["loss"])
+
+
 def test_single_node_job_trains_in_runs_slurm_job_id(slurm_jobs):
     job = slurm_jobs["single"]
     job.assert_completed()
@@ -260,8 +313,9 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
     long_file.write_text(f"name: slurm-long\nmethod: grid\nparameters:\n  lr: {{values: [0.05, 0.02]}}\n"
                          f"  epochs: {{value: {SIGNAL_EPOCHS}}}\n")
     long_out = root / "long"
+    # Held until its test releases it: it must still be training when that test sends the signal.
     long_id = slurm_cluster.sbatch(
-        "--array=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={root}/long-%A_%a.out",
+        "--hold", "--array=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={root}/long-%A_%a.out",
         str(REPO / "launch" / "slurm_sweep.sbatch"), str(long_file),
         # 96 px: steps slow enough that the run is still training when the signal comes on an idle machine
         *train_args(image_tree, root / "cache-long", "--freeze", "none", "--checkpoint-every-epochs", "0",
@@ -317,6 +371,7 @@ def test_a_signalled_array_task_requeues_and_resumes_its_configuration(sweep_arr
     that configuration's run from the checkpoint to the end."""
     job = sweep_array[4]
     cluster = job.cluster
+    cluster.run("scontrol", "release", job.id)
     deadline = time.monotonic() + JOB_TIMEOUT
     while not list((job.out / "checkpoints").glob("step_*/train_state.json")):
         assert cluster.job(job.id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job.diagnose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import signal
@@ -182,7 +183,7 @@ def test_sigterm_stops_the_sweep_with_a_checkpoint_and_the_same_command_continue
     sweep_file = tmp_path / "s.yaml"
     sweep_file.write_text("name: stop\nmethod: grid\nparameters:\n  lr: {values: [0.05, 0.02]}\n")
     out = tmp_path / "sweep"
-    args = sweep_args(sweep_file, out, data, tmp_path / "cache", "--epochs", "4", "--freeze", "none",
+    args = sweep_args(sweep_file, out, data, tmp_path / "cache", "--epochs", "20", "--freeze", "none",
                       "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--wandb-mode", "disabled",
                       "--log-every", "1")
     proc = subprocess.Popen([sys.executable, "-m", "tl_dist.sweep", *args], cwd=REPO, env=run_env(),
@@ -192,19 +193,27 @@ def test_sigterm_stops_the_sweep_with_a_checkpoint_and_the_same_command_continue
     while not list((first / "checkpoints").glob("step_*/train_state.json")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.1)
+    # The run is paused while the signal arrives, so that it is still training however late this test
+    # sees the checkpoint on a busy machine: 160 steps of a tiny network take a few seconds.
+    (run,) = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    os.kill(int(run), signal.SIGSTOP)
     proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the sweep touches STOP and passes SIGTERM on
+    os.kill(int(run), signal.SIGCONT)
     printed = proc.communicate(timeout=300)[0]
     assert proc.returncode == 75, printed[-3000:]
     assert "[1/2] 00-lr=0.05: stopped" in printed and "the sweep stopped; run the same command again" in printed
     assert "[2/2]" not in printed and not (out / "01-lr=0.02").exists()
-    stopped = int(re.search(r"saving\s+a\s+checkpoint\s+at\s+step\s+(\d+)", printed).group(1))
-    assert 5 <= stopped < 32 and not (first / "model").exists() and not (first / "STOP").exists()
+    stopped = re.search(r"saving\s+a\s+checkpoint\s+at\s+step\s+(\d+)", printed)
+    assert stopped, printed[-3000:]
+    stopped = int(stopped.group(1))
+    assert 5 <= stopped < 160 and not (first / "model").exists() and not (first / "STOP").exists()
 
     again = run_module(args, module="tl_dist.sweep")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "[1/2] 00-lr=0.05: continuing" in again.stdout and "[2/2] 01-lr=0.02: starting" in again.stdout
     assert re.search(rf"resumed\s+from\s+\S*00-lr=0.05/checkpoints/step_{stopped}\s", again.stdout)
-    assert [read_metrics(out / name)["train"]["global_step"] for name in ("00-lr=0.05", "01-lr=0.02")] == [32, 32]
+    assert [read_metrics(out / name)["train"]["global_step"] for name in ("00-lr=0.05", "01-lr=0.02")] == [160, 160]
     assert [r["status"] for r in read_summary(out)] == ["finished", "finished"]
 
 
