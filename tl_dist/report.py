@@ -118,8 +118,8 @@ def build_report(outputs: dict, classes: list[str], max_mistakes: int = MAX_MIST
 
 def write_report(report: Report, folder: Path, test_images, test_files: list[str], warn=print) -> None:
     """Write the CSVs and the two pictures into `folder` (main process). `test_images` gives uint8 images
-    by test-split position (data.CachedImages), `test_files` their files. The model and metrics are saved
-    before this runs, so a file that cannot be written is a warning, not a failed run."""
+    by test-split position (data.CachedImages), `test_files` their files. The metrics are saved before
+    this runs (and the model beside it), so a file that cannot be written is a warning, not a failed run."""
     files = report_files(folder)
     steps = [("per-class table", lambda: write_per_class_csv(report, files["per-class table"])),
              ("confusion matrix, all classes",
