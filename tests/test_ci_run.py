@@ -54,7 +54,7 @@ def test_slurm_tests_fail_instead_of_skipping_in_ci(tmp_path, ci, outcome):
     (python_only / "python").symlink_to(sys.executable)
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_ADDOPTS")}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider",
-                           str(REPO / "tests" / "test_slurm.py"), "-k", "multi_node"],
+                           str(REPO / "tests" / "test_slurm.py"), "-k", "multi_node_job_trains"],
                           cwd=tmp_path, env={**env, "PATH": str(python_only), "CI": ci}, capture_output=True,
                           text=True, timeout=120)
     assert outcome in proc.stdout, proc.stdout[-3000:]

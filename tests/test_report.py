@@ -17,6 +17,7 @@ import wandb_reader
 from conftest import launch, read_metrics, tiny_args
 from test_metrics import check_against_logits
 from tl_dist import report as rpt
+from tl_dist import run_dir as run_files
 
 CLASSES = ["BACKGROUND_Google", "Faces_easy", "Leopards", "Motorbikes", "airplanes", "car_side", "sunflower",
            "watch"]
@@ -66,12 +67,12 @@ def test_run_writes_the_report(report_run):
     assert np.mean([r["f1"] for r in per_class.values()]) == pytest.approx(test["f1_macro"])
     assert np.mean([r["precision"] for r in per_class.values()]) == pytest.approx(test["precision_macro"])
 
-    rows = read_csv(out / rpt.PER_CLASS_CSV)
+    rows = read_csv(out / run_files.PER_CLASS_CSV)
     assert [r["class"] for r in rows] == CLASSES
     assert [int(r["support"]) for r in rows] == [per_class[c]["support"] for c in CLASSES]
     assert [float(r["f1"]) for r in rows] == pytest.approx([per_class[c]["f1"] for c in CLASSES], abs=1e-6)
 
-    with open(out / rpt.CONFUSION_CSV, newline="") as f:
+    with open(out / run_files.CONFUSION_CSV, newline="") as f:
         matrix = list(csv.reader(f))
     assert matrix[0][1:] == CLASSES and [r[0] for r in matrix[1:]] == CLASSES
     counts = np.array([[int(v) for v in r[1:]] for r in matrix[1:]])
@@ -79,7 +80,7 @@ def test_run_writes_the_report(report_run):
     assert counts.diagonal().tolist() == [per_class[c]["correct"] for c in CLASSES]
 
     # The worst mistakes: most confident first, really wrong, and the right files (a file's folder is its class).
-    mistakes = read_csv(out / rpt.MISTAKES_CSV)
+    mistakes = read_csv(out / run_files.MISTAKES_CSV)
     wrong = 32 - counts.trace()
     assert len(mistakes) == min(rpt.MAX_MISTAKES, wrong) > 0
     confidences = [float(m["confidence"]) for m in mistakes]
@@ -91,8 +92,8 @@ def test_run_writes_the_report(report_run):
     for m in mistakes:  # each mistake is counted in its confusion-matrix cell
         assert counts[CLASSES.index(m["label"]), CLASSES.index(m["pred"])] >= 1
 
-    check_png(out / rpt.CONFUSION_PNG)
-    grid = np.asarray(check_png(out / rpt.MISTAKES_PNG).convert("L"), dtype=np.float64)
+    check_png(out / run_files.CONFUSION_PNG)
+    grid = np.asarray(check_png(out / run_files.MISTAKES_PNG).convert("L"), dtype=np.float64)
     # One picture per mistake, then blank slots: the tile areas (below each caption band) are checked.
     header = grid.shape[0] - (-(-len(mistakes) // rpt.GRID_COLUMNS) * (rpt.TILE + rpt.CAPTION + 6) + 6)
     for slot in range(-(-len(mistakes) // rpt.GRID_COLUMNS) * rpt.GRID_COLUMNS):
@@ -107,7 +108,7 @@ def test_run_writes_the_report(report_run):
     weakest = min(CLASSES, key=lambda c: (per_class[c]["accuracy"], per_class[c]["f1"]))
     summary = text[text.index("weakest"):]
     assert weakest in summary
-    for name in (rpt.PER_CLASS_CSV, rpt.CONFUSION_PNG, rpt.MISTAKES_PNG, "metrics.json"):
+    for name in (run_files.PER_CLASS_CSV, run_files.CONFUSION_PNG, run_files.MISTAKES_PNG, "metrics.json"):
         assert name in summary
 
 
@@ -129,7 +130,7 @@ def test_run_logs_the_report_to_wandb(report_run):
     # W&B's confusion-matrix chart, fed one row per non-zero cell (test_wandb_tracking.py: all 102 classes).
     cells = json.loads((run / "files" / row["finetuned/confusion_matrix_table/path"]).read_text())["data"]
     assert sum(count for _, _, count in cells) == 32 and len(cells) == row["finetuned/confusion_matrix_table/nrows"]
-    with Image.open(out / rpt.MISTAKES_PNG) as img:
+    with Image.open(out / run_files.MISTAKES_PNG) as img:
         assert row["finetuned/mistakes/width"] == img.width
     assert (run / "files" / row["finetuned/confusion_matrix_top/path"]).is_file()
 
@@ -145,18 +146,18 @@ def test_eval_only_gives_the_same_report_from_two_processes(report_run, cache_di
         {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*") if p.is_file() and "eval" not in p.parts}
     evaluated = copy / "eval" / "model"
     assert read_metrics(evaluated)["eval_only"]["num_processes"] == 2
-    one, two = read_csv(out / rpt.PER_CLASS_CSV), read_csv(evaluated / rpt.PER_CLASS_CSV)
+    one, two = read_csv(out / run_files.PER_CLASS_CSV), read_csv(evaluated / run_files.PER_CLASS_CSV)
     for a, b in zip(one, two, strict=True):
         assert (a["class"], a["support"], a["correct"], a["most_confused_with"]) == \
                (b["class"], b["support"], b["correct"], b["most_confused_with"])
         for key in ("precision", "recall", "f1"):
             assert float(a[key]) == pytest.approx(float(b[key]))
-    m1, m2 = read_csv(out / rpt.MISTAKES_CSV), read_csv(evaluated / rpt.MISTAKES_CSV)
+    m1, m2 = read_csv(out / run_files.MISTAKES_CSV), read_csv(evaluated / run_files.MISTAKES_CSV)
     assert [(m["file"], m["pred"]) for m in m1] == [(m["file"], m["pred"]) for m in m2]
     assert [float(m["confidence"]) for m in m1] == pytest.approx([float(m["confidence"]) for m in m2], abs=1e-5)
     assert read_metrics(evaluated)["test"]["per_class"] == pytest.approx(read_metrics(out)["test"]["per_class"])
-    check_png(evaluated / rpt.CONFUSION_PNG)
-    check_png(evaluated / rpt.MISTAKES_PNG)
+    check_png(evaluated / run_files.CONFUSION_PNG)
+    check_png(evaluated / run_files.MISTAKES_PNG)
     assert "weakest" in proc.stdout and "baseline" in proc.stdout
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import launch, make_image_tree, read_metrics, tiny_args
 from tl_dist import report as rpt
+from tl_dist import run_dir as run_files
 
 NAMES = ["ラーメン", "猫の写真", "Собака", "ёжик_и_медведь"]  # the data folder sorts them: Cyrillic first
 
@@ -41,11 +42,11 @@ def pixels(path) -> np.ndarray:
 
 def report_from_files(out) -> rpt.Report:
     """The run's report, rebuilt from its CSVs (the pictures depend on nothing else)."""
-    with open(out / rpt.CONFUSION_CSV, newline="") as f:
+    with open(out / run_files.CONFUSION_CSV, newline="") as f:
         header, *lines = list(csv.reader(f))
     classes = header[1:]
     confusion = torch.tensor([[int(v) for v in line[1:]] for line in lines])
-    with open(out / rpt.MISTAKES_CSV, newline="") as f:
+    with open(out / run_files.MISTAKES_CSV, newline="") as f:
         mistakes = list(csv.DictReader(f))
     return rpt.Report(classes=classes, confusion=confusion,
                       mistake_positions=[int(m["test_position"]) for m in mistakes],
@@ -71,7 +72,7 @@ def test_the_pictures_show_the_glyphs_not_boxes(named_run, tmp_path, monkeypatch
     report = report_from_files(out)
     rpt.draw_confusion_matrix(report, tmp_path / "cm.png")
     rpt.draw_mistakes(report, None, tmp_path / "mistakes.png")
-    run_cm, run_mistakes = pixels(out / rpt.CONFUSION_PNG), pixels(out / rpt.MISTAKES_PNG)
+    run_cm, run_mistakes = pixels(out / run_files.CONFUSION_PNG), pixels(out / run_files.MISTAKES_PNG)
     assert (pixels(tmp_path / "cm.png") == run_cm).all()  # the rebuilt report draws the run's picture
     captions = caption_bands(run_mistakes, len(report.mistake_positions))
     assert (caption_bands(pixels(tmp_path / "mistakes.png"), len(report.mistake_positions)) == captions).all()
@@ -130,4 +131,4 @@ def test_characters_no_font_has_get_one_warning_line(tmp_path, capsys):
         rpt.write_report(report, tmp_path, test_images=None, test_files=[], warn=lines.append)
     assert [w for w in caught if "Glyph" in str(w.message)] == []
     assert len(lines) == 1 and "𓀀𓀁𓃰" in lines[0] and "no installed font" in lines[0], lines
-    assert (tmp_path / rpt.CONFUSION_PNG).is_file() and (tmp_path / rpt.MISTAKES_PNG).is_file()
+    assert (tmp_path / run_files.CONFUSION_PNG).is_file() and (tmp_path / run_files.MISTAKES_PNG).is_file()
