@@ -19,6 +19,16 @@ SHARED_SAMPLE = REPO.parent / "shared" / "data" / "caltech-101-mini"
 sys.path.insert(0, str(Path(__file__).parent))  # tests/wandb_reader.py
 sys.path.insert(0, str(REPO))  # in-process tests import this checkout's tl_dist, installed or not
 
+# Collected first: the Slurm tests mostly wait on their jobs, and these files run longest. Under the README's
+# `pytest -n 2 --dist loadfile` they then overlap the others instead of running alone at the end.
+FIRST_FILES = ("test_slurm.py", "test_run_folder.py", "test_sweep.py", "test_options.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST_FILES)))  # stable: each file keeps its order
+
+
 # Secrets a run must never write anywhere; set for every run so tests can look for them.
 PLANTED_SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef01234567",
                    "KAGGLE_KEY": "kaggle-secret-fedcba9876543210"}
