@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ci_tools import missing_tool
 from conftest import REPO, make_image_tree, run_env, tiny_args
 from PIL import Image
 
@@ -298,6 +299,28 @@ def test_unusable_input_gives_one_error_line_and_writes_nothing(error_runs, case
         assert not out.exists()
     if case not in CACHE_WRITTEN_BEFORE_ERROR:
         assert not (run["tmp"] / "cache").exists()
+
+
+def test_a_read_only_cache_or_output_folder_is_refused_before_anything_runs(image_tree, tmp_path):
+    """On a read-only mount (as root, permissions alone would not stop a write): one argparse error line
+    naming the option, exit 2, and neither folder created."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], capture_output=True)
+    if done.returncode != 0:
+        missing_tool(f"cannot mount a read-only tmpfs: {done.stderr.decode().strip()}")
+    try:
+        for flag in ("--cache-dir", "--output-dir"):
+            args = tiny_args(image_tree, tmp_path / "run", tmp_path / "cache", "--wandb-mode", "disabled")
+            args[args.index(flag) + 1] = str(read_only / "sub")
+            proc = subprocess.run([sys.executable, "-m", "tl_dist.train", *args], cwd=REPO, env=run_env(),
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+            (line,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+            assert f"error: argument {flag}: {read_only / 'sub'} cannot be written ({read_only} is read-only" in line
+            assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=False)
 
 
 def test_download_failing_from_every_source(tmp_path):

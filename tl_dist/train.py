@@ -701,10 +701,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"kept. The last complete checkpoint is {folder.latest() or 'none'}. Free some space, "
                         "then run again with --resume auto.")
         return 1
-    except Interrupted as exc:  # in a phase with nothing to checkpoint: what it wrote is removed
-        resume = " with --resume auto" if cfg.output_dir and cfg.resume is None else ""
-        console.print(f"stopped by {exc}; no partial file is left. To continue, run the same command{resume} again.")
-        return EXIT_STOPPED
     finally:
         if recipe is not None:
             recipe.cleanup()
