@@ -16,7 +16,6 @@ if __name__ == "__main__" and not __package__:
     # shadow other packages' modules. Import the package from the repository root instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import ctypes  # noqa: E402
 import datetime  # noqa: E402
@@ -37,7 +36,7 @@ from accelerate.utils import (DDPCommunicationHookType, DistributedDataParallelK
 from tl_dist.checkpoint import (SAVE_STEPS, CheckpointError, TrainState, load_weights,  # noqa: E402
                                 save_checkpoint, save_final_model)
 from tl_dist.config import DEFAULT_DATA_DIR, Config, build_parser, parse_args  # noqa: E402
-from tl_dist.console import RunConsole  # noqa: E402
+from tl_dist.console import RunConsole, end_process  # noqa: E402
 from tl_dist.data import (CachedImages, DataError, GlobalBatchSampler, ImageCache,  # noqa: E402
                           ImageIndex, download_caltech101, find_image_root, index_images, keep_decodable,
                           Interrupted, make_loader, stop_on_signals, stratified_sample, stratified_split,
@@ -714,15 +713,8 @@ def _error(console: RunConsole | None, message: str) -> None:
 
 
 def cli() -> None:
-    """The command line (`python -m tl_dist.train`, `accelerate launch tl_dist/train.py`, `tl-dist-train`).
-    Once main() returns, everything is written and closed; Python's own shutdown would then spend about a
-    second of CPU freeing, one by one, the millions of objects that importing torch, torchvision and sympy
-    created. Run the exit handlers (W&B's, logging's), flush, and end the process instead."""
-    code = main()
-    atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """The command line: `python -m tl_dist.train`, `accelerate launch tl_dist/train.py`, `tl-dist-train`."""
+    end_process(main())
 
 
 if __name__ == "__main__":
