@@ -23,6 +23,7 @@ import pytest
 from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
 from test_resume import descendants, launch_command
 
+from tl_dist.checkpoint import TrainState
 from tl_dist.run_dir import RunDir, verify
 
 COMMON = ["--epochs", "2", "--checkpoint-every-steps", "2", "--keep-checkpoints", "20", "--dropout", "0",
@@ -212,10 +213,14 @@ def test_killing_the_launcher_stops_its_workers(data, root, tmp_path):
                 os.kill(p, signal.SIGKILL)
     assert not list((out / "checkpoints").glob(".*")), "no partial checkpoint"
     assert all(verify(f) is None for f in RunDir(out).checkpoint_folders())
-    resumed = launch(run + ["--resume", "auto", "--epochs", "2"], nproc=2)  # finish early: cheaper
+    # Finish early (cheaper), one epoch after the one the workers stopped in, however far a busy machine let
+    # them get before the kill.
+    stopped = TrainState.load(RunDir(out).latest()).epoch
+    epochs = str(stopped + 2)
+    resumed = launch(run + ["--resume", "auto", "--epochs", epochs], nproc=2)
     assert resumed.returncode == 0
     reference = tmp_path / "reference"
-    launch(args(data, reference, root / "cache", "--epochs", "2", "--freeze", "none", batch=4), nproc=2)
+    launch(args(data, reference, root / "cache", "--epochs", epochs, "--freeze", "none", batch=4), nproc=2)
     same_training(read_metrics(out), read_metrics(reference), rtol=1e-6)
 
 
@@ -309,6 +314,16 @@ def test_resume_from_one_process_on_two(data, root, ref1, tmp_path):
     proc = launch(args(data, out, root / "cache", "--resume", "auto"), nproc=2)
     assert "resuming on 2 process(es) instead of 1: 4 images per process" in " ".join(proc.stdout.split())
     same_training(read_metrics(out), read_metrics(ref1), rtol=1e-4)
+
+
+def test_a_resume_shorter_than_what_was_trained_is_refused(data, root, ref1, tmp_path):
+    out = killed_after(ref1, 6, tmp_path / "run")  # in epoch 2 of 2 (4 steps an epoch)
+    before = snapshot(out)
+    proc = run_module(args(data, out, root / "cache", "--resume", "auto", "--epochs", "1"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors(proc) == [f"error: --epochs 1: {out} is already in epoch 2 (step 6); pass --epochs 2 or more, "
+                            "or leave --epochs out to finish the run as planned."]
+    assert snapshot(out) == before
 
 
 def test_a_global_batch_that_does_not_split_is_refused(data, root, ref1, tmp_path):

@@ -76,7 +76,21 @@ def plan_resume(cfg: Config, saved: dict | None, run_dir: RunDir, num_processes:
     cfg, note = _check_identity(cfg, saved, num_processes, accumulation, precision)
     if state.finished:
         return _extend(cfg, saved, run_dir, ckpt, state, note)
+    _check_length(cfg, state, run_dir)
     return ResumePlan(ckpt, state, note=note), cfg
+
+
+def _check_length(cfg: Config, state: TrainState, run_dir: RunDir) -> None:
+    """A run resumed with fewer --epochs (or --max-steps) than it has already trained would stop at once
+    and call itself finished at a length nobody asked for."""
+    begun = state.epoch + (1 if state.step_in_epoch else 0)  # epochs begun; the last may be partial
+    if cfg.epochs < begun:
+        raise RunDirError(f"--epochs {cfg.epochs}: {run_dir} is already in epoch {begun} (step "
+                          f"{state.global_step}); pass --epochs {begun} or more, or leave --epochs out to "
+                          "finish the run as planned.")
+    if cfg.max_steps and cfg.max_steps < state.global_step:
+        raise RunDirError(f"--max-steps {cfg.max_steps}: {run_dir} is already at step {state.global_step}; "
+                          f"pass --max-steps {state.global_step} or more, or leave it out.")
 
 
 def _check_identity(cfg: Config, saved: dict | None, num_processes: int, accumulation: int,
