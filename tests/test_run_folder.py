@@ -306,6 +306,8 @@ def test_resume_from_two_processes_on_one(data, root, ref2, tmp_path):
     proc = run_module(args(data, out, root / "cache", "--resume", "auto", batch=4))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming on 1 process(es) instead of 2: 8 images per process" in " ".join(proc.stdout.split())
+    # The first session's decoded images and features are found again, not rebuilt.
+    assert "decoding" not in proc.stdout and "features: reused" in proc.stdout, proc.stdout[-3000:]
     same_training(read_metrics(out), read_metrics(ref2), rtol=1e-4)
 
 

@@ -135,16 +135,17 @@ def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_d
         split = read_json(run_dir.split)
         root = find_image_root(data_dir) if data_dir.is_dir() else data_dir
         parts = [split["train"], split.get("val", []), split["test"]]
-        files = [f for part in parts for f in part]
+        # In the order index_images gives (class folder, then path), so that the decoded-image cache of the
+        # run's first session, and the features computed from it, are found again instead of rebuilt.
+        files = sorted((f for part in parts for f in part), key=lambda f: (f.split("/", 1)[0], f))
         missing = [f for f in files if not (root / f).is_file()]
         if missing:
             raise DataError(f"{len(missing)} file(s) of this run's split are not in --data-dir "
                             f"{data_dir} (first: {missing[0]}). Pass the --data-dir the run was trained on.")
         classes = split["classes"]
         labels = [classes.index(f.split("/", 1)[0]) for f in files]
-        index = ImageIndex(root, files, labels, classes)
-        bounds = [0, len(parts[0]), len(parts[0]) + len(parts[1]), len(files)]
-        return index, [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+        row = {f: i for i, f in enumerate(files)}
+        return ImageIndex(root, files, labels, classes), [[row[f] for f in part] for part in parts]
     if cfg.data_dir == DEFAULT_DATA_DIR and not data_dir.exists():
         with accelerator.local_main_process_first():  # one download per node; the others wait, then see it
             if not data_dir.exists():
