@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
 
+from tl_dist.train import sharing_groups
 from tl_dist.features import FeatureStore, StoredFeatures
 
 RUN = ("--wandb-mode", "disabled", "--checkpoint-every-epochs", "0", "--dropout", "0")
@@ -108,3 +109,16 @@ def test_features_are_stored_in_the_autocast_dtype(data, tmp_path):
     reused = train(data, tmp_path / "bf16-again", shared, "--mixed-precision", "bf16")
     assert "features: reused" in reused.stdout
     same_results(tmp_path / "bf16", tmp_path / "bf16-again")
+
+
+def test_processes_share_a_cache_file_only_when_each_sees_the_others_probe():
+    """2 nodes x 2 processes (node = the index of its first process)."""
+    node = [0, 0, 2, 2]
+    shared = [[0, 1, 2, 3]] * 4
+    assert sharing_groups(shared, node) == [(0, 1, 2, 3)] * 4
+    node_local = [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert sharing_groups(node_local, node) == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    # A shared network folder whose late view hid node 2's probes from process 1 only: no group of
+    # processes that do not all see each other; each node writes its own copy.
+    late = [[0, 1, 2, 3], [0, 1], [0, 1, 2, 3], [0, 1, 2, 3]]
+    assert sharing_groups(late, node) == [(0, 1), (0, 1), (2, 3), (2, 3)]

@@ -189,17 +189,26 @@ def cache_group(accelerator: Accelerator, cache_dir: Path) -> CacheGroup:
     cache_dir.mkdir(parents=True, exist_ok=True)
     token = broadcast_object_list([os.urandom(8).hex()])[0]
     probe = cache_dir / f".probe-{token}-{accelerator.process_index}"
-    probe.touch()
-    accelerator.wait_for_everyone()
     everyone = range(accelerator.num_processes)
-    sees = gather_object([[i for i in everyone if (cache_dir / f".probe-{token}-{i}").exists()]])
-    node = gather_object([accelerator.process_index - accelerator.local_process_index])
-    accelerator.wait_for_everyone()
-    probe.unlink(missing_ok=True)
+    try:
+        probe.touch()
+        accelerator.wait_for_everyone()
+        sees = gather_object([[i for i in everyone if (cache_dir / f".probe-{token}-{i}").exists()]])
+        node = gather_object([accelerator.process_index - accelerator.local_process_index])
+        accelerator.wait_for_everyone()
+    finally:
+        probe.unlink(missing_ok=True)
+    return CacheGroup(sharing_groups(sees, node)[accelerator.process_index], accelerator.process_index)
+
+
+def sharing_groups(sees: list[list[int]], node: list[int]) -> list[tuple[int, ...]]:
+    """Each process's group, from which probes each process saw (`sees`) and its node: those it sees
+    and that see it; if that is not one partition of the processes, the processes of its node."""
+    everyone = range(len(sees))
     groups = [tuple(j for j in sees[i] if i in sees[j]) for i in everyone]
     if any(groups[j] != groups[i] for i in everyone for j in groups[i]):
         groups = [tuple(j for j in everyone if node[j] == node[i]) for i in everyone]
-    return CacheGroup(groups[accelerator.process_index], accelerator.process_index)
+    return groups
 
 
 def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole, index: ImageIndex,
