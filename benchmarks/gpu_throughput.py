@@ -32,7 +32,7 @@ from tl_dist.console import RunConsole  # noqa: E402
 from tl_dist.data import CachedImages, GlobalBatchSampler, index_images, make_loader  # noqa: E402
 from tl_dist.engine import Batches, LoopSettings, StopRequest, TrainLog, extract_features, fit  # noqa: E402
 from tl_dist.train import (build_accelerator, build_image_cache, build_network, build_optimizer,  # noqa: E402
-                           cache_group, configure_threads, image_batches)
+                           configure_threads, image_batches)
 
 
 def parse_args(argv=None):
@@ -95,8 +95,7 @@ def main(argv=None) -> dict:
     # ---- the decoded-image cache of the real images (as train.py builds it)
     index = index_images(Path(a.data_dir))
     tic = time.perf_counter()
-    array_path, _ = build_image_cache(cfg, accelerator, console, index, cache_group(accelerator, Path(cfg.cache_dir)),
-                                      threads)
+    array_path, _, _ = build_image_cache(cfg, accelerator, console, index, threads)
     result["decode_images_per_second"] = len(index) / (time.perf_counter() - tic)
     repeat = -(-a.images // len(index))
     rows = (list(range(len(index))) * repeat)[:max(a.batch_size, a.images // a.batch_size * a.batch_size)]

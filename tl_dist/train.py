@@ -212,12 +212,17 @@ def sharing_groups(sees: list[list[int]], node: list[int]) -> list[tuple[int, ..
 
 
 def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole, index: ImageIndex,
-                      group: CacheGroup, threads: int) -> tuple[Path, dict[str, str]]:
+                      threads: int) -> tuple[Path, dict[str, str], CacheGroup]:
     """Decode every image once into the cache (this is also the verify pass), sharded over the processes
-    of each cache group. Returns the cache file and {file: why} for the files that could not be decoded."""
+    of each cache group. Returns the cache file, {file: why} for the files that could not be decoded, and
+    this process's cache group."""
     cache_dir, data_dir = Path(cfg.cache_dir).resolve(), index.root.resolve()
     if cache_dir == data_dir or data_dir in cache_dir.parents:
         raise DataError(f"--cache-dir {cfg.cache_dir} is inside --data-dir; choose a folder outside it.")
+    group = cache_group(accelerator, cache_dir)
+    if group.size < accelerator.num_processes:
+        console.print(f"--cache-dir {cfg.cache_dir} is not shared between the nodes: each node builds or reads "
+                      f"its own copy of the caches")
     cache = ImageCache(cache_dir, index, cfg.image_size)
     # Ctrl-C or SIGTERM: the writer removes the temp file it created, then main() exits 75.
     with stop_on_signals("decoding images"), cache.building(group.writer, console.print) as tmp:
@@ -238,7 +243,7 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
             if tmp is not None and group.writer:
                 cache.publish(tmp, merged)
             accelerator.wait_for_everyone()
-    return cache.array_path, cache.bad_files()
+    return cache.array_path, cache.bad_files(), group
 
 
 @dataclass
@@ -261,11 +266,7 @@ def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run
     """Index (or read the run's split), decode every image once into the cache (the verify pass), and
     split the files that decoded."""
     index, rows = load_index(cfg, accelerator, console, run_dir)
-    group = cache_group(accelerator, Path(cfg.cache_dir))
-    if group.size < accelerator.num_processes:
-        console.print(f"--cache-dir {cfg.cache_dir} is not shared between the nodes: each node builds or reads "
-                      f"its own copy of the caches")
-    array_path, bad = build_image_cache(cfg, accelerator, console, index, group, threads)
+    array_path, bad, group = build_image_cache(cfg, accelerator, console, index, threads)
     if bad:
         console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
                      f"{run_dir.skipped}): " + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
