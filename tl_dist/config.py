@@ -290,7 +290,7 @@ def _check_paths_and_workers(parser: argparse.ArgumentParser, cfg: Config) -> No
         if file is not None:
             parser.error(f"argument {_flag(name)}: {file} is a file, not a folder; pass a folder"
                          + (" that holds one sub-folder per class" if name == "data_dir" else ""))
-        # The run writes both: say so now, not after decoding (access() sees read-only mounts too).
+        # The run writes into both: say so before any folder is made (access() sees read-only mounts too).
         existing = next(p for p in (path, *path.parents) if p.exists())
         if name != "data_dir" and not os.access(existing, os.W_OK | os.X_OK):
             parser.error(f"argument {_flag(name)}: {path} cannot be written ({existing} is read-only or not "

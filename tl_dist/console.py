@@ -192,7 +192,6 @@ class RunConsole:
         self.print(table)
 
 
-
 def end_process(code: int) -> NoReturn:
     """End a command-line process once its main() has returned `code`: everything is written and closed,
     and Python's own shutdown would spend one to two seconds of CPU freeing, one by one, the millions of
