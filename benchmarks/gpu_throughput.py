@@ -30,9 +30,11 @@ from tl_dist.checkpoint import TrainState  # noqa: E402
 from tl_dist.config import parse_args as parse_train_args  # noqa: E402
 from tl_dist.console import RunConsole  # noqa: E402
 from tl_dist.data import CachedImages, GlobalBatchSampler, index_images, make_loader  # noqa: E402
-from tl_dist.engine import Batches, LoopSettings, StopRequest, TrainLog, extract_features, fit  # noqa: E402
-from tl_dist.train import (build_accelerator, build_image_cache, build_network, build_optimizer,  # noqa: E402
-                           configure_threads, image_batches)
+from tl_dist.engine import Batches, LoopHooks, LoopSettings, TrainLog, Training, extract_features, fit  # noqa: E402
+from tl_dist.model import build_network  # noqa: E402
+from tl_dist.optim import build_optimizer  # noqa: E402
+from tl_dist.prepare import build_image_cache, image_batches  # noqa: E402
+from tl_dist.runtime import StopRequest, build_accelerator, configure_threads  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -83,7 +85,7 @@ def main(argv=None) -> dict:
     flags += ["--compile"] if a.compile else []
     cfg = parse_train_args(flags)
     accelerator = build_accelerator(cfg, None)
-    threads = configure_threads(cfg, accelerator)
+    threads = configure_threads(cfg, accelerator.device)
     device = accelerator.device
     console = RunConsole(True)
     on_gpu = device.type == "cuda"
@@ -142,7 +144,7 @@ def main(argv=None) -> dict:
     ys = torch.randint(0, len(index.classes), (a.batch_size,), device=device)
     for source in ("synthetic", "real"):
         model = build_network(cfg, len(index.classes))
-        optimizer, scheduler, _ = build_optimizer(cfg, accelerator, model, total_steps=2 * a.train_steps)
+        optimizer, scheduler, _ = build_optimizer(cfg, model, 1, accelerator.device, total_steps=2 * a.train_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         sampler = GlobalBatchSampler(len(rows_ft), a.batch_size, 1, 0, seed=0)
         dataset = (CachedImages(array_path, rows_ft, [index.labels[r] for r in rows_ft]) if source == "real"
@@ -155,8 +157,8 @@ def main(argv=None) -> dict:
         for epoch in range(2):  # epoch 1 warms up; epoch 2 is timed
             settings = LoopSettings(epochs=epoch + 1, log_every=1000)
             state.train_images, state.train_seconds = 0, 0.0
-            outcome = fit(accelerator, model, optimizer, scheduler, batches, state, settings, lambda: None,
-                          StopRequest(work / "STOP"), TrainLog(NoTracker(), console, settings))
+            outcome = fit(Training(accelerator, model, optimizer, scheduler), batches, state, settings,
+                          TrainLog(NoTracker(), console, settings), LoopHooks(StopRequest(work / "STOP"), lambda: None))
             assert outcome.value == "finished", outcome
             sync(device)
             speeds.append(state.train_images / state.train_seconds)

@@ -18,7 +18,7 @@ from ci_tools import missing_tool
 from conftest import REPO, make_image_tree, run_env, tiny_args
 from PIL import Image
 
-from tl_dist.config import usable_cores
+from tl_dist.runtime import usable_cores
 from tl_dist.data import DataError, ImageCache, download_caltech101, index_images, load_image
 
 UNDECODABLE = ["class_00/empty.jpg", "class_00/text.jpg", "class_01/truncated.jpg", "class_01/corrupt.jpg"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
 
-from tl_dist.train import sharing_groups
+from tl_dist.prepare import sharing_groups
 from tl_dist.features import FeatureStore, StoredFeatures
 
 RUN = ("--wandb-mode", "disabled", "--checkpoint-every-epochs", "0", "--dropout", "0")

@@ -16,7 +16,8 @@ from accelerate import Accelerator
 from tl_dist.checkpoint import TrainState
 from tl_dist.console import RunConsole
 from tl_dist.data import GlobalBatchSampler, make_loader
-from tl_dist.engine import Batches, LoopSettings, StopRequest, TrainLog, fit
+from tl_dist.engine import Batches, LoopHooks, LoopSettings, TrainLog, Training, fit
+from tl_dist.runtime import StopRequest
 from tl_dist.model import build_model, trainable_parameters
 from tl_dist.run_dir import RunDir
 from tl_dist.tracking import Tracker
@@ -31,9 +32,9 @@ def run_fit(accelerator, model, optimizer, scheduler, batches: Batches, run_dir,
     name in lower case ("finished", "stopped", "diverged") and the train state it left."""
     settings = LoopSettings(epochs=epochs, max_skipped_steps=max_skipped_steps)  # no checkpoints
     state = TrainState()
-    outcome = fit(accelerator, model, optimizer, scheduler, batches, state, settings, lambda: None,
-                  StopRequest(run_dir / "STOP"), TrainLog(Tracker(accelerator, RunDir(run_dir), "disabled"),
-                                                          RunConsole(True), settings))
+    log = TrainLog(Tracker(accelerator, RunDir(run_dir), "disabled"), RunConsole(True), settings)
+    outcome = fit(Training(accelerator, model, optimizer, scheduler), batches, state, settings, log,
+                  LoopHooks(StopRequest(run_dir / "STOP"), save_checkpoint=lambda: None))
     return outcome.value, state
 
 

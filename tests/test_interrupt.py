@@ -20,7 +20,7 @@ from conftest import REPO, make_image_tree, run_env, tiny_args
 from PIL import Image
 
 from tl_dist.data import ImageCache, index_images
-from tl_dist.train import EXIT_STOPPED
+from tl_dist.runtime import EXIT_STOPPED
 
 
 @pytest.fixture(scope="module")

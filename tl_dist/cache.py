@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl_dist.config import Config
+from tl_dist.console import CommandParser
 
 KINDS = ("images", "features")
 SIDECAR_SUFFIX = ".json"
@@ -206,15 +207,9 @@ def prune(cache_dir: Path, max_gb: float | None, older_than: float | None, dry_r
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one `error:` line, as for every other bad input
-        print(f"error: {message} (see python -m tl_dist.cache --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tl_dist.cache", description="List or trim the decoded-image and feature caches.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = CommandParser(prog="tl_dist.cache", description="List or trim the decoded-image and feature caches.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for name, help in (("list", "every entry: kind, key fields, size, last use"),
                        ("prune", "remove the least recently used entries")):
         command = commands.add_parser(name, help=help)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +60,21 @@ class TrainState:
     baseline: dict | None = None  # test metrics before fine-tuning
     val_history: list[dict] = field(default_factory=list)  # validation metrics after each epoch
     finished: bool = False
+
+    def count_step(self, loss: float, images: int, skipped_steps: int) -> None:
+        """One optimizer step was taken over `images` images (a non-finite fp16 loss is left out of the mean)."""
+        self.global_step += 1
+        self.step_in_epoch += 1
+        if math.isfinite(loss):
+            self.epoch_loss_sum += loss
+            self.epoch_loss_steps += 1
+        self.train_images += images
+        self.skipped_steps = skipped_steps
+
+    def end_epoch(self) -> None:
+        """Close the epoch in progress (at its end, or at --max-steps): keep its mean loss, start the next."""
+        self.epoch_losses.append(self.epoch_loss_sum / max(self.epoch_loss_steps, 1))
+        self.epoch, self.step_in_epoch, self.epoch_loss_sum, self.epoch_loss_steps = self.epoch + 1, 0, 0.0, 0
 
     def save(self, folder: Path) -> None:
         write_json(Path(folder) / STATE_FILE, dataclasses.asdict(self))

@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tl_dist.console import CommandParser
+
 DEFAULT_DATA_DIR = "./data/caltech-101"
 
 
@@ -120,13 +122,32 @@ class Config:
 
 # What defines a run: a resume must not change these (one line per difference), and a run's config.json
 # gives them back. --batch-size is checked as the global batch, so that a run can resume on another number
-# of processes (rule in run_dir.py / README "Resuming").
+# of processes (resume.py).
 RUN_DEFINING = ("model", "weights", "freeze", "dropout", "image_size", "seed", "test_fraction", "val_fraction",
                 "max_samples", "lr", "momentum", "scale_lr", "lr_schedule")
-# What a run writes into its config.json besides its options; ignored when such a file is read back.
-DERIVED = ("num_processes", "global_batch_size", "effective_lr", "num_classes", "train_samples", "val_samples",
-           "test_samples", "device", "mixed_precision_resolved", "feature_cache", "steps_per_epoch",
-           "output_dir_resolved", "cpu_threads", "gradient_accumulation_resolved", "mean", "std")
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run writes into its config.json besides its options: what it resolved and found. Ignored when
+    such a file is read back as options (DERIVED)."""
+    num_processes: int
+    gradient_accumulation_resolved: int
+    global_batch_size: int
+    effective_lr: float
+    num_classes: int
+    train_samples: int
+    val_samples: int
+    test_samples: int
+    device: str
+    mixed_precision_resolved: str
+    feature_cache: bool
+    steps_per_epoch: int
+    output_dir_resolved: str
+    cpu_threads: int
+    mean: list[float]  # the input normalisation of the network's weights
+    std: list[float]
+
+
+DERIVED = tuple(f.name for f in dataclasses.fields(RunFacts))
 NOT_FROM_FILES = ("resume", "eval_only", "config")  # what to do with a run, not what the run is
 
 
@@ -143,7 +164,7 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tl_dist.train", description="Fine-tune VGG16 (or another torchvision network) on Caltech-101 with "
         "Accelerate.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -267,16 +288,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, which Slurm and taskset narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _check_paths_and_workers(parser: argparse.ArgumentParser, cfg: Config) -> None:
     """Options that would harm the machine, or paths that cannot work, refused before anything runs (the
     network's own limits, --image-size among them: check_network)."""
     # Each worker is a process of its own; more of them than cores cannot load batches faster, and
     # torch's DataLoader itself warns above this number. 1000 of them once ran a machine out of memory.
+    from tl_dist.runtime import usable_cores
+
     cores = usable_cores()
     if cfg.num_workers > cores:
         parser.error(f"argument --num-workers: {cfg.num_workers} is more than the {cores} CPU core(s) this "

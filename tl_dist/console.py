@@ -11,6 +11,7 @@ at the end.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import math
@@ -190,6 +191,16 @@ class RunConsole:
             cells = [fmt.format(m[key]) if m and key in m else "-" for m in (baseline, finetuned)]
             table.add_row(label, *cells)
         self.print(table)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one `error:` line naming the command's help, exit code 2 (as
+    every other bad input of the package gets one line, not argparse's usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split()[0]
+        print(f"error: {message} (see python -m {command} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 def end_process(code: int) -> NoReturn:

@@ -14,10 +14,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -224,7 +222,7 @@ def decode_rows(index: ImageIndex, rows, out: np.ndarray, image_size: int, threa
                 on_progress: Callable[[int], None] | None = None) -> dict[int, str]:
     """Decode index rows into `out`; returns {row: reason} for files that cannot be decoded. PIL
     releases the GIL while decoding and resizing, so threads use the cores. `on_progress(done)` is
-    called in this thread as rows complete. An exception here (Ctrl-C, `Interrupted`) cancels the rows
+    called in this thread as rows complete. An exception here (Ctrl-C, runtime.Interrupted) cancels the rows
     not started yet instead of decoding them all first."""
     def one(row):
         try:
@@ -296,7 +294,7 @@ class ImageCache:
     def building(self, owner: bool, say=print) -> Iterator[Path | None]:
         """On the process that writes the cache (`owner`), when it is not complete: remove stale temp
         files, create this build's temp file and yield it; remove it if the block raises (Ctrl-C and
-        `Interrupted` included). Elsewhere, or when the cache is complete, yield None."""
+        runtime.Interrupted included). Elsewhere, or when the cache is complete, yield None."""
         if not owner or self.complete():
             yield None
             return
@@ -358,32 +356,6 @@ class ImageCache:
         with contextlib.suppress(OSError):  # each run that uses the cache marks its last use (tl_dist.cache)
             os.utime(self.meta_path)
         return json.loads(self.meta_path.read_text())["bad"]
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during a phase that has nothing to checkpoint (decoding, the feature pass)."""
-
-
-@contextlib.contextmanager
-def stop_on_signals(during: str) -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into `Interrupted` in the main thread for the duration of the block, so
-    that the code unwinding it removes what it was writing; Python's default for SIGTERM would end the
-    process on the spot, leaving its temp files behind. A signal the process was started ignoring (as a
-    shell does with SIGINT for background jobs) stays ignored. A no-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise Interrupted(f"{signal.Signals(signum).name} while {during}")
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)
-                if signal.getsignal(sig) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def keep_decodable(index: ImageIndex, bad: dict[str, str], warn=print) -> tuple[ImageIndex, list[int]]:

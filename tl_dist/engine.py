@@ -10,16 +10,10 @@ order, for any number of processes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import enum
 import math
-import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,6 +23,7 @@ from tl_dist.checkpoint import TrainState
 from tl_dist.console import QuietPhase
 from tl_dist.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from tl_dist.metrics import compute_metrics
+from tl_dist.runtime import StopRequest
 
 
 class Outcome(enum.Enum):
@@ -50,67 +45,6 @@ class Batches:
     def inputs(self, x: torch.Tensor, device) -> torch.Tensor:
         x = x.to(device, non_blocking=True)
         return x if self.pooled else normalize(x, channels_last=self.channels_last, mean=self.mean, std=self.std)
-
-
-class StopRequest:
-    """Set by SIGUSR1/SIGTERM/SIGINT or a STOP file in the run folder; all processes agree on it through
-    Accelerate's trigger, so they all stop after the same step."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self, stop_file: Path):
-        self.stop_file = Path(stop_file)
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal_name and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        return self.signal_name is not None or self.stop_file.exists()
-
-    def reason(self) -> str:
-        return self.signal_name or f"{self.stop_file} exists"
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self.stop_file.unlink(missing_ok=True)
-
-
-def stop_with_launcher(grace_seconds: float = 20.0) -> None:
-    """A training process started by `accelerate launch` (or torchrun) stops when its launcher dies, even by
-    SIGKILL: the kernel sends it SIGTERM (prctl PR_SET_PDEATHSIG), which StopRequest turns into a checkpoint
-    and exit at the next step, and a watchdog thread exits the process if that has not happened within
-    `grace_seconds` (blocked in a collective whose partner is gone, say). Plain `python -m tl_dist.train`
-    under a shell or nohup is left alone. Linux only."""
-    parent = os.getppid()
-    try:
-        cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().replace(b"\0", b" ")
-    except OSError:
-        return
-    if not any(name in cmdline for name in (b"accelerate", b"torchrun", b"torch.distributed")):
-        return
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # it died before the prctl
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        time.sleep(grace_seconds)
-        print("error: the launcher of this process is gone and the run did not stop in time; exiting. "
-              "Continue with --resume auto.", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
 class SkippedSteps:
@@ -199,11 +133,30 @@ class LoopSettings:
                 or (end_of_epoch and self.checkpoint_every_epochs and state.epoch % self.checkpoint_every_epochs == 0))
 
 
-def train_step(accelerator, model, optimizer, scheduler, batches: Batches, micro_batches, global_images: int) -> float:
+@dataclass
+class Training:
+    """What an optimizer step needs: the model, optimizer and schedule as `accelerator.prepare` returned them."""
+    accelerator: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+
+
+@dataclass
+class LoopHooks:
+    """What the loop calls out to: the stop request it watches, the checkpoint it saves when one is due or a
+    stop is asked, and validation after each epoch."""
+    stop: StopRequest
+    save_checkpoint: Callable[[], None]
+    validate: Callable[[TrainState], None] | None = None
+
+
+def train_step(training: Training, batches: Batches, micro_batches, global_images: int) -> float:
     """One optimizer step over one global batch, given as this process' micro-batches (one per gradient
     accumulation step). Returns the mean loss over the global batch. The update is applied only when that
     loss is finite (in fp16 the grad scaler skips a non-finite step itself); it is the same on every
     process, so all of them apply it or none does."""
+    accelerator, model = training.accelerator, training.model
     # Each micro-batch's loss is weighted by its share of the global batch (times the processes, which DDP
     # averages over, and the accumulation steps, which Accelerate divides by): a shorter last batch then
     # gives the exact mean, whatever the number of processes. The weight is exactly 1 for a full batch.
@@ -219,50 +172,50 @@ def train_step(accelerator, model, optimizer, scheduler, batches: Batches, micro
         loss_sum += loss.detach().float()
     step_loss = accelerator.reduce(loss_sum / len(micro_batches), "mean").item()  # note: a sync point
     if math.isfinite(step_loss) or accelerator.mixed_precision == "fp16":
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        training.optimizer.step()
+        training.scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
     return step_loss
 
 
-def fit(accelerator, model, optimizer, scheduler, batches: Batches, state: TrainState, settings: LoopSettings,
-        save_checkpoint: Callable[[], None], stop: StopRequest, log: "TrainLog",
-        validate: Callable[[TrainState], None] | None = None) -> Outcome:
-    """Train from `state` to the end of the run (--epochs, or --max-steps), saving checkpoints through
-    `save_checkpoint` when they are due or a stop is requested, and calling `validate` after each epoch."""
-    sampler = batches.loader.batch_sampler
+def fit(training: Training, batches: Batches, state: TrainState, settings: LoopSettings, log: "TrainLog",
+        hooks: LoopHooks) -> Outcome:
+    """Train from `state` to the end of the run (--epochs, or --max-steps), saving checkpoints when they are
+    due or a stop is requested, and validating after each epoch."""
+    accelerator, sampler = training.accelerator, batches.loader.batch_sampler
     total_steps = settings.total_steps(sampler.steps_per_epoch)
     skipped = SkippedSteps(settings.max_skipped_steps)
     while state.global_step < total_steps:
         sampler.set_epoch(state.epoch, start_step=state.step_in_epoch)
-        model.train()
+        training.model.train()
         log.start_epoch(state, sampler.steps_per_epoch)
         for micro_batches, global_images in global_steps(batches.loader, sampler):
-            loss = train_step(accelerator, model, optimizer, scheduler, batches, micro_batches, global_images)
+            loss = train_step(training, batches, micro_batches, global_images)
             if not math.isfinite(loss) and accelerator.mixed_precision != "fp16":
                 log.error(f"non-finite loss ({loss}) at step {state.global_step + 1} (epoch {state.epoch + 1}); "
-                          "stopped before applying it. The last checkpoint is kept. Try a lower --lr or "
-                          "--mixed-precision no.")
+                          "stopped before applying it. Try a lower --lr or --mixed-precision no.")
                 return Outcome.DIVERGED
             if accelerator.mixed_precision == "fp16" and skipped.update(accelerator.optimizer_step_was_skipped):
                 log.error(f"the fp16 grad scaler skipped {skipped.in_a_row} steps in a row (up to step "
                           f"{state.global_step + 1}): gradients keep overflowing. Try bf16 or a lower --lr.")
                 return Outcome.DIVERGED
-            log.after_step(state, loss, scheduler.get_last_lr()[0], global_images, skipped.total)
+            state.count_step(loss, global_images, skipped.total)
+            log.after_step(state, loss, training.scheduler.get_last_lr()[0])
             end_of_epoch, last = state.step_in_epoch == sampler.steps_per_epoch, state.global_step >= total_steps
             if end_of_epoch or last:
+                state.end_epoch()
                 log.end_epoch(state)
-                if validate is not None:
-                    validate(state)
-                    model.train()
-            if stop.requested():
+                if hooks.validate is not None:
+                    hooks.validate(state)
+                    training.model.train()
+            if hooks.stop.requested():
                 accelerator.set_trigger()
             if accelerator.check_trigger():  # any process asked: all stop here, after the same step
-                log.print(f"stop requested ({stop.reason()}): saving a checkpoint at step {state.global_step}")
-                save_checkpoint()
+                log.print(f"stop requested ({hooks.stop.reason()}): saving a checkpoint at step {state.global_step}")
+                hooks.save_checkpoint()
                 return Outcome.STOPPED
             if settings.checkpoint_due(state, end_of_epoch, last):
-                save_checkpoint()
+                hooks.save_checkpoint()
                 log.restart_clock()
             if last:
                 break
@@ -279,8 +232,8 @@ def global_steps(loader, sampler):
 
 
 class TrainLog:
-    """The loop's bookkeeping, in one place: the train state's counters and running loss, throughput,
-    W&B (every step) and the console (a progress bar, or a line every --log-every steps)."""
+    """What the loop shows: the time spent training, throughput, W&B (every step) and the console (a
+    progress bar, or a line every --log-every steps)."""
 
     def __init__(self, tracker, console, settings: LoopSettings):
         self.tracker, self.console, self.settings = tracker, console, settings
@@ -301,29 +254,21 @@ class TrainLog:
                                             state.step_in_epoch)
         self.restart_clock()
 
-    def after_step(self, state: TrainState, loss: float, lr: float, images: int, skipped: int) -> None:
-        """Count a step that was taken, and show it."""
-        state.global_step += 1
-        state.step_in_epoch += 1
-        if math.isfinite(loss):
-            state.epoch_loss_sum += loss
-            state.epoch_loss_steps += 1
-        state.train_images += images
+    def after_step(self, state: TrainState, loss: float, lr: float) -> None:
+        """Show a step that was taken (and add the time it took to the state's training time)."""
         now = time.perf_counter()
         state.train_seconds += now - self.tic
         self.tic = now
-        state.skipped_steps = skipped
         images_per_second = state.train_images / max(state.train_seconds, 1e-9)
         self.tracker.log({"train/loss": loss, "train/lr": lr, "train/images_per_second": images_per_second,
-                          "epoch": state.epoch + 1, "train/skipped_steps": skipped}, step=state.global_step)
+                          "epoch": state.epoch + 1, "train/skipped_steps": state.skipped_steps},
+                         step=state.global_step)
         self.console.advance(self.task, state.step_in_epoch, self.steps_per_epoch,
                              f"loss {loss:.4f}  {images_per_second:,.0f} img/s",
                              log_line=state.global_step % self.settings.log_every == 0)
 
     def end_epoch(self, state: TrainState) -> None:
-        """Close the epoch in progress (at its end, or at --max-steps): its mean loss, and the next one."""
-        state.epoch_losses.append(state.epoch_loss_sum / max(state.epoch_loss_steps, 1))
-        state.epoch, state.step_in_epoch, state.epoch_loss_sum, state.epoch_loss_steps = state.epoch + 1, 0, 0.0, 0
+        """Show the epoch that `state.end_epoch()` closed."""
         self.tracker.log({"train/epoch_loss": state.epoch_losses[-1], "epoch": state.epoch}, step=state.global_step)
         self.console.print(f"epoch {state.epoch}: mean train loss {state.epoch_losses[-1]:.4f}")
 

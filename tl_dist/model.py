@@ -341,5 +341,19 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze: str 
     return model.train()  # train mode, with a frozen feature extractor in eval mode
 
 
+def build_network(cfg, num_classes: int, from_checkpoint: bool = False) -> TransferNet:
+    """The network the options ask for, with its new head seeded by --seed (the same on every process), in
+    channels_last and compiled when asked. With pretrained weights, call under Accelerate's
+    `local_main_process_first()`: one process per node downloads them, the others read torch's cache."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, num_classes, cfg.weights, cfg.freeze, cfg.dropout, image_size=cfg.image_size,
+                        from_checkpoint=from_checkpoint)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.embed = torch.compile(model.embed)
+    return model
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tl_dist.console import end_process
+from tl_dist.console import CommandParser, end_process
 from tl_dist.checkpoint import CheckpointError, check_checkpoint, load_weights, read_classes
 from tl_dist.run_dir import CLASSES_FILE, CONFIG_FILE, FINAL_MODEL, WEIGHTS_FILE, RunDir
 from tl_dist.data import IMAGE_EXTENSIONS, _hidden, load_image, normalize
@@ -32,8 +32,8 @@ DEFAULT_IMAGE_SIZE = 224
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m tl_dist.predict", description="Top-k classes of images, from a fine-tuned tl_dist model.",
+    parser = CommandParser(
+        prog="tl_dist.predict", description="Top-k classes of images, from a fine-tuned tl_dist model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a run's output folder (its final model, else its newest checkpoint), its model/ "

@@ -48,6 +48,7 @@ def with_saved_options(cfg: Config) -> tuple[Config, dict | None]:
 
 @dataclass
 class ResumePlan:
+    cfg: Config  # the options, adjusted to what is resumed (the per-process batch)
     checkpoint: Path | None = None  # what to load: a step_N folder or the final model (--eval-only)
     state: TrainState | None = None
     finished: str | None = None  # the run is finished and not extended: say this, and do nothing
@@ -55,11 +56,11 @@ class ResumePlan:
 
 
 def plan_resume(cfg: Config, saved: dict | None, run_dir: RunDir, num_processes: int, accumulation: int,
-                precision: str, warn) -> tuple[ResumePlan, Config]:
-    """The checkpoint to continue from (or to evaluate), with the options adjusted to it. Raises RunDirError
+                precision: str, warn) -> ResumePlan:
+    """The checkpoint to continue from (or to evaluate), and the options adjusted to it. Raises RunDirError
     with one line per option that a resume may not change."""
     if cfg.resume is None:
-        return ResumePlan(), cfg
+        return ResumePlan(cfg)
     if cfg.resume == "auto":
         ckpt = run_dir.latest(warn=warn)
     else:
@@ -69,15 +70,15 @@ def plan_resume(cfg: Config, saved: dict | None, run_dir: RunDir, num_processes:
         if cfg.eval_only:
             raise CheckpointError(f"--eval-only: no checkpoint or final model in {run_dir}. Pass the output "
                                   "folder of a run that saved one, or --resume PATH.")
-        return ResumePlan(), cfg  # --resume auto on a run that saved nothing yet: a fresh start
+        return ResumePlan(cfg)  # --resume auto on a run that saved nothing yet: a fresh start
     state = TrainState.load(ckpt)
     if cfg.eval_only:
-        return ResumePlan(ckpt, state), cfg
+        return ResumePlan(cfg, ckpt, state)
     cfg, note = _check_identity(cfg, saved, num_processes, accumulation, precision)
     if state.finished:
         return _extend(cfg, saved, run_dir, ckpt, state, note)
     _check_length(cfg, state, run_dir)
-    return ResumePlan(ckpt, state, note=note), cfg
+    return ResumePlan(cfg, ckpt, state, note=note)
 
 
 def _check_length(cfg: Config, state: TrainState, run_dir: RunDir) -> None:
@@ -134,12 +135,12 @@ def _per_process_batch(cfg: Config, saved: dict, num_processes: int, accumulatio
 
 
 def _extend(cfg: Config, saved: dict | None, run_dir: RunDir, final: Path, state: TrainState,
-            note: str | None) -> tuple[ResumePlan, Config]:
+            note: str | None) -> ResumePlan:
     """A finished run: nothing to do, or, with --epochs above its epochs, continue from its last state."""
     trained = len(state.epoch_losses)
     if cfg.epochs <= trained:
-        return ResumePlan(finished=f"{run_dir} is finished ({trained} epochs; its final model is {final}). "
-                                   f"To train it further, pass --resume auto --epochs N with N above {trained}."), cfg
+        return ResumePlan(cfg, finished=f"{run_dir} is finished ({trained} epochs; its final model is {final}). "
+                                   f"To train it further, pass --resume auto --epochs N with N above {trained}.")
     if cfg.lr_schedule == "cosine":
         raise RunDirError(f"--epochs {cfg.epochs}: {run_dir} was trained with --lr-schedule cosine, fitted to "
                           f"{trained} epochs; it cannot be extended. Start a new run with --epochs {cfg.epochs}.")
@@ -151,4 +152,4 @@ def _extend(cfg: Config, saved: dict | None, run_dir: RunDir, final: Path, state
                           f"({last}; checkpoints were off, or it is damaged), so it cannot be extended. Start a "
                           f"new run with --epochs {cfg.epochs}.") from None
     message = f"extending {run_dir} from {trained} to {cfg.epochs} epochs"
-    return ResumePlan(last, TrainState.load(last), note=f"{note}; {message}" if note else message), cfg
+    return ResumePlan(cfg, last, TrainState.load(last), note=f"{note}; {message}" if note else message)

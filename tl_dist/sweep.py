@@ -36,14 +36,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tl_dist.console import end_process
+from tl_dist.console import CommandParser, end_process
 from tl_dist.config import RUN_DEFINING, Config, parse_args
+from tl_dist.runtime import EXIT_STOPPED
 from tl_dist.run_dir import RunDir, read_json, verify, write_text
 
 SUMMARY_FILE = "summary.csv"  # in the sweep folder (--output-dir), beside the run folders
 REPO = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIG = REPO / "accelerate_configs" / "multi_gpu.yaml"  # what launch/slurm_single_node.sbatch uses
-EXIT_STOPPED = 75  # as tl_dist.train: a run checkpointed on a signal; the same command continues it
 
 # W&B's top-level keys (docs.wandb.ai, "Sweep configuration options").
 SWEEP_KEYS = ("program", "entity", "project", "description", "name", "method", "metric", "parameters",
@@ -513,14 +513,8 @@ def summarize(plan: Plan, session: dict[int, str] | None, console) -> list[Row]:
 # ---------------------------------------------------------------- entry point
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one `error:` line, as for every other bad input
-        print(f"error: {message} (see python -m tl_dist.sweep --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tl_dist.sweep", allow_abbrev=False,
+    parser = CommandParser(prog="tl_dist.sweep", allow_abbrev=False,
                      description="Run a W&B sweep file's configurations on this machine, one after another.",
                      epilog="Every other option goes to each run of tl_dist.train (python -m tl_dist.train "
                             "--help); the configuration's parameters come after them and win.")
