@@ -83,7 +83,7 @@ class TrainState:
     def load(cls, folder: Path) -> "TrainState":
         saved = read_json(Path(folder) / STATE_FILE)
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in saved.items() if k in known})  # older runs kept a few more fields
+        return cls(**{k: v for k, v in saved.items() if k in known})  # fields this version does not know are ignored
 
 
 def check_checkpoint(folder: Path, option: str = "--resume") -> None:
@@ -104,10 +104,10 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: li
     """Called by every process. Returns the complete checkpoint folder. `on_step()` is called after each of
     its SAVE_STEPS steps (progress)."""
     run_dir = RunDir.of(run_dir)
-    final = run_dir.checkpoints / f"step_{state.global_step}"
-    tmp = run_dir.checkpoints / f".tmp-step_{state.global_step}"
+    final = run_dir.checkpoint(state.global_step)
+    tmp = run_dir.tmp_folder(final)
     if accelerator.is_main_process:
-        for leftover in run_dir.checkpoints.glob(".tmp-step_*"):  # from a run killed while saving
+        for leftover in run_dir.stale_tmp_checkpoints():  # from a run killed while saving
             shutil.rmtree(leftover, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -131,7 +131,7 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: li
     _all_or_nothing(accelerator, run_dir, tmp, finish)
     on_step()
     if accelerator.is_main_process:  # prune; folders numbered above this step (damaged, say) are left alone
-        older = [f for f in run_dir.checkpoint_folders() if int(f.name[5:]) <= state.global_step]
+        older = [f for f in run_dir.checkpoint_folders() if run_dir.checkpoint_step(f) <= state.global_step]
         for stale in older[:-keep]:
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
@@ -165,7 +165,7 @@ def save_final_model(accelerator, model, run_dir: RunDir, state: TrainState, cla
                accelerator.unwrap_model(model).state_dict().items()}
     if bad := nonfinite_tensors(weights):
         raise _diverged(state.global_step, bad, run_dir.latest())
-    tmp = run_dir.path / f".tmp-{run_dir.final_model.name}"
+    tmp = run_dir.tmp_folder(run_dir.final_model)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

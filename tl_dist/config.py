@@ -147,6 +147,17 @@ class RunFacts:
     std: list[float]
 
 
+    def describe(self, per_process_batch: int) -> str:
+        """The set-up in one line, as a run prints it at the start."""
+        accumulation = self.gradient_accumulation_resolved
+        return (f"{self.num_classes} classes, {self.train_samples} train / "
+                + (f"{self.val_samples} validation / " if self.val_samples else "") + f"{self.test_samples} test "
+                f"images; {self.num_processes} process(es) on {self.device}, precision "
+                f"{self.mixed_precision_resolved}; global batch {self.global_batch_size} ({per_process_batch} per "
+                f"process" + (f" x {accumulation} accumulation steps" if accumulation > 1 else "")
+                + f"), lr {self.effective_lr:g}; run folder {self.output_dir_resolved}")
+
+
 DERIVED = tuple(f.name for f in dataclasses.fields(RunFacts))
 NOT_FROM_FILES = ("resume", "eval_only", "config")  # what to do with a run, not what the run is
 

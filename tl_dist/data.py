@@ -502,11 +502,11 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         return max(0, self.steps_per_epoch - self.start_step) * self.accumulation
 
 
-def normalize(images: torch.Tensor, dtype=torch.float32, channels_last: bool = False,
-              mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, channels_last: bool = False, mean=IMAGENET_MEAN,
+              std=IMAGENET_STD) -> torch.Tensor:
     """uint8 N x 3 x S x S -> the article's ToTensor() + Normalize(mean, std), on their device. The mean and
     std are those the network's weights were trained with (TransferNet.mean/.std; ImageNet's for VGG16)."""
-    mean = torch.tensor(mean, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-    x = (images.to(dtype) / 255 - mean) / std
+    mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    x = (images.float() / 255 - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

@@ -100,13 +100,13 @@ class Report:
         return [(i // k, i % k, int(flat[i])) for i in nonzero[:n]]
 
 
-def build_report(outputs: dict, classes: list[str], max_mistakes: int = MAX_MISTAKES) -> Report:
+def build_report(outputs: dict, classes: list[str]) -> Report:
     """From evaluate()'s outputs (in split order, identical on every process)."""
     logits, labels, positions = outputs["logits"].float(), outputs["labels"].long(), outputs["positions"].long()
     confidence, preds = F.softmax(logits, dim=1).max(1)
     wrong = (preds != labels).nonzero().flatten()
     # Most confident first; a stable sort keeps split order among equal confidences.
-    order = wrong[torch.sort(-confidence[wrong], stable=True).indices][:max_mistakes]
+    order = wrong[torch.sort(-confidence[wrong], stable=True).indices][:MAX_MISTAKES]
     return Report(classes=list(classes), confusion=confusion_matrix(preds, labels, len(classes)),
                   mistake_positions=positions[order].tolist(), mistake_preds=preds[order].tolist(),
                   mistake_labels=labels[order].tolist(), mistake_confidences=confidence[order].tolist(),

@@ -11,6 +11,7 @@ kept: the per-process batch becomes global batch / processes).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,32 @@ def run_dir_of(cfg: Config) -> Path | None:
         ckpt = Path(cfg.resume).resolve()
         return ckpt.parent if ckpt.name == FINAL_MODEL else ckpt.parent.parent
     return None
+
+
+def choose_run_dir(cfg: Config, accelerator) -> Path:
+    """--output-dir (or the folder of --resume PATH), else runs/<date-time> chosen by the main process."""
+    from accelerate.utils import broadcast_object_list
+
+    folder = run_dir_of(cfg)
+    if folder is not None:
+        return folder
+    return Path(broadcast_object_list([datetime.datetime.now().strftime("runs/%Y-%m-%d_%H-%M-%S")])[0])
+
+
+def claim_run_dir(run_dir: RunDir, accelerator, resume: bool) -> None:
+    """The main process locks the run folder and checks that a new run does not reuse one (RunDir.claim);
+    every process hears the outcome."""
+    from accelerate.utils import broadcast_object_list
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            run_dir.claim(resume=resume)
+        except RunDirError as exc:
+            error = str(exc)
+    error = broadcast_object_list([error])[0]
+    if error:
+        raise RunDirError(error)
 
 
 def with_saved_options(cfg: Config) -> tuple[Config, dict | None]:
@@ -144,7 +171,7 @@ def _extend(cfg: Config, saved: dict | None, run_dir: RunDir, final: Path, state
     if cfg.lr_schedule == "cosine":
         raise RunDirError(f"--epochs {cfg.epochs}: {run_dir} was trained with --lr-schedule cosine, fitted to "
                           f"{trained} epochs; it cannot be extended. Start a new run with --epochs {cfg.epochs}.")
-    last = run_dir.checkpoints / f"step_{state.global_step}"
+    last = run_dir.checkpoint(state.global_step)
     try:
         check_checkpoint(last)
     except CheckpointError:

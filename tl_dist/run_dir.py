@@ -45,6 +45,8 @@ STOP_FILE = "STOP"
 WANDB_ID_FILE = "wandb_run_id"
 WANDB_STEP_FILE = "wandb_last_step"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "step_"  # checkpoints/step_<global step>/
+TMP_PREFIX = ".tmp-"  # a folder being written: .tmp-step_N/, .tmp-model/
 FINAL_MODEL = "model"
 EVAL_DIR = "eval"
 # inside a checkpoint or model/
@@ -231,12 +233,31 @@ class RunDir:
     def holds_run(self) -> bool:
         return self.split.is_file() or self.final_model.is_dir() or bool(self.checkpoint_folders())
 
+    def checkpoint(self, step: int) -> Path:
+        """The checkpoint saved after global step `step`."""
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step}"
+
+    @staticmethod
+    def tmp_folder(folder: Path) -> Path:
+        """Where `folder` (a checkpoint, model/) is written before one rename puts it in place."""
+        return folder.with_name(TMP_PREFIX + folder.name)
+
+    def stale_tmp_checkpoints(self) -> list[Path]:
+        """Checkpoint folders a killed run was writing."""
+        return sorted(self.checkpoints.glob(f"{TMP_PREFIX}{CHECKPOINT_PREFIX}*")) if self.checkpoints.is_dir() else []
+
+    @staticmethod
+    def checkpoint_step(folder: Path) -> int | None:
+        """The global step of a checkpoint folder's name, None for another name."""
+        digits = folder.name.removeprefix(CHECKPOINT_PREFIX)
+        return int(digits) if folder.name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
+
     def checkpoint_folders(self) -> list[Path]:
-        """step_* folders that have their final name, oldest first (temporary folders start with '.')."""
+        """Checkpoint folders that have their final name, oldest first (temporary ones start with '.')."""
         if not self.checkpoints.is_dir():
             return []
-        found = [p for p in self.checkpoints.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-        return sorted(found, key=lambda p: int(p.name[5:]))
+        found = [p for p in self.checkpoints.iterdir() if p.is_dir() and self.checkpoint_step(p) is not None]
+        return sorted(found, key=self.checkpoint_step)
 
     def latest(self, warn=None) -> Path | None:
         """The final model when the run finished, else the newest checkpoint; the newest that verifies.

@@ -18,7 +18,6 @@ if __name__ == "__main__" and not __package__:
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import importlib.util  # noqa: E402
 import os  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
@@ -26,7 +25,6 @@ from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from accelerate.utils import broadcast_object_list  # noqa: E402
 
 from tl_dist.checkpoint import SAVE_STEPS, CheckpointError, TrainState, load_weights, save_checkpoint, \
     save_final_model  # noqa: E402
@@ -39,7 +37,7 @@ from tl_dist.model import TransferNet, WeightsError, build_network  # noqa: E402
 from tl_dist.optim import build_optimizer  # noqa: E402
 from tl_dist.prepare import PreparedData, build_feature_store, feature_batches, image_batches, prepare_data  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
-from tl_dist.resume import ResumePlan, plan_resume, run_dir_of, with_saved_options  # noqa: E402
+from tl_dist.resume import ResumePlan, choose_run_dir, claim_run_dir, plan_resume, run_dir_of, with_saved_options  # noqa: E402
 from tl_dist.run_dir import RunDir, RunDirError, is_disk_full, read_json, write_json, write_text  # noqa: E402
 from tl_dist.runtime import EXIT_STOPPED, Interrupted, StopRequest, build_accelerator, configure_threads, \
     gradient_accumulation, stop_with_launcher  # noqa: E402
@@ -74,6 +72,15 @@ class Setup:
     def run_config(self) -> dict:
         return {**self.cfg.to_dict(), **dataclasses.asdict(self.facts)}
 
+    def train_numbers(self) -> dict:
+        """What metrics.json says of the training."""
+        state = self.state
+        return {"epoch_loss": state.epoch_losses, "seconds": state.train_seconds,
+                "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
+                "global_step": state.global_step, "global_batch_size": self.facts.global_batch_size,
+                "lr": self.facts.effective_lr, "num_processes": self.facts.num_processes,
+                "skipped_steps": state.skipped_steps}
+
 
 class FineTune:
     """The article's recipe on any number of processes: plan, set up, evaluate the baseline, fine-tune,
@@ -84,7 +91,7 @@ class FineTune:
                  wandb_mode: str, threads: int):
         self.cfg, self.saved, self.accelerator, self.console = cfg, saved, accelerator, console
         self.wandb_mode, self.threads = wandb_mode, threads
-        self.run_dir = RunDir(self._run_dir_name())
+        self.run_dir = RunDir(choose_run_dir(cfg, accelerator))
 
     def run(self) -> int:
         plan = self.plan(claim=True)
@@ -139,7 +146,7 @@ class FineTune:
         """Claim the run folder (a training run; --eval-only only reads it), then decide what a --resume
         continues or evaluates, with the options adjusted to it (`plan.cfg`)."""
         if claim:
-            self._claim_run_dir()
+            claim_run_dir(self.run_dir, self.accelerator, resume=self.cfg.resume is not None)
         plan = plan_resume(self.cfg, self.saved, self.run_dir, self.accelerator.num_processes,
                            gradient_accumulation(self.cfg), self.accelerator.mixed_precision, self.console.warn)
         if plan.note:
@@ -164,13 +171,20 @@ class FineTune:
         if plan.checkpoint is not None:
             accelerator.load_state(str(plan.checkpoint))  # model, optimizer, scheduler, every RNG
             self.console.print(f"resumed from {plan.checkpoint} at epoch {state.epoch + 1}, step {state.global_step}")
-        facts = self._facts(cfg, data, sampler, lr, features is not None, model)
+        facts = RunFacts(
+            num_processes=accelerator.num_processes, gradient_accumulation_resolved=gradient_accumulation(cfg),
+            global_batch_size=sampler.global_batch, effective_lr=lr, num_classes=len(data.index.classes),
+            train_samples=len(data.train_rows), val_samples=len(data.val_rows), test_samples=len(data.test_rows),
+            device=str(accelerator.device), mixed_precision_resolved=accelerator.mixed_precision,
+            feature_cache=features is not None, steps_per_epoch=sampler.steps_per_epoch,
+            output_dir_resolved=str(self.run_dir), cpu_threads=torch.get_num_threads(), mean=list(model.mean),
+            std=list(model.std))
         tracker = Tracker(accelerator, self.run_dir, self.wandb_mode)
         s = Setup(cfg, data, training, settings, batches, features, state, tracker, facts)
         tracker.start(wandb_run(cfg, default_name=self.run_dir.path.name), s.run_config)
         if accelerator.is_main_process:
             write_json(self.run_dir.config, s.run_config)
-        self._print_setup(s)
+        self.console.print(facts.describe(cfg.batch_size))
         return s
 
     def _model(self, plan: ResumePlan, data: PreparedData) -> TransferNet:
@@ -182,58 +196,22 @@ class FineTune:
     def _batches(self, cfg: Config, data: PreparedData, model, sampler) -> tuple[SplitBatches, dict | None]:
         """Cached images, or (frozen backbone) its features, computed once per image and kept on disk.
         Returns the batches and what the features cost (None without the feature cache)."""
-        train, val, test = (data.images(rows) if rows else None
-                            for rows in (data.train_rows, data.val_rows, data.test_rows))
-        if not (cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features")):
-            batches = lambda images, sampler=None: image_batches(cfg, self.accelerator, images, model, sampler)  # noqa: E731
-            return SplitBatches(batches(train, sampler), val and batches(val), batches(test)), None
-        store, seconds = build_feature_store(cfg, self.accelerator, self.console, model, data)
-        batches = lambda images, sampler=None: feature_batches(cfg, self.accelerator, store, images, sampler)  # noqa: E731
-        images = len(data.train_rows) + len(data.val_rows) + len(data.test_rows)
-        features = {"path": str(store.array_path), "reused": seconds is None, "seconds": seconds,
-                    "images_per_second": images / seconds if seconds else None}
-        return SplitBatches(batches(train, sampler), val and batches(val), batches(test)), features
+        store, features = None, None
+        if cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features"):
+            store, seconds = build_feature_store(cfg, self.accelerator, self.console, model, data)
+            images = len(data.train_rows) + len(data.val_rows) + len(data.test_rows)
+            features = {"path": str(store.array_path), "reused": seconds is None, "seconds": seconds,
+                        "images_per_second": images / seconds if seconds else None}
 
-    def _facts(self, cfg: Config, data: PreparedData, sampler, lr: float, feature_cache: bool, model) -> RunFacts:
-        accelerator = self.accelerator
-        return RunFacts(
-            num_processes=accelerator.num_processes, gradient_accumulation_resolved=gradient_accumulation(cfg),
-            global_batch_size=sampler.global_batch, effective_lr=lr, num_classes=len(data.index.classes),
-            train_samples=len(data.train_rows), val_samples=len(data.val_rows), test_samples=len(data.test_rows),
-            device=str(accelerator.device), mixed_precision_resolved=accelerator.mixed_precision,
-            feature_cache=feature_cache, steps_per_epoch=sampler.steps_per_epoch,
-            output_dir_resolved=str(self.run_dir), cpu_threads=torch.get_num_threads(), mean=list(model.mean),
-            std=list(model.std))
+        def batches(rows: list[int], sampler=None) -> Batches | None:
+            if not rows:
+                return None
+            if store is not None:
+                return feature_batches(cfg, self.accelerator, store, data.images(rows), sampler)
+            return image_batches(cfg, self.accelerator, data.images(rows), model, sampler)
 
-    def _print_setup(self, s: Setup) -> None:
-        f, cfg = s.facts, s.cfg
-        self.console.print(
-            f"{f.num_classes} classes, {f.train_samples} train / "
-            + (f"{f.val_samples} validation / " if f.val_samples else "") + f"{f.test_samples} test images; "
-            f"{f.num_processes} process(es) on {f.device}, precision {f.mixed_precision_resolved}; "
-            f"global batch {f.global_batch_size} ({cfg.batch_size} per process"
-            + (f" x {f.gradient_accumulation_resolved} accumulation steps" if f.gradient_accumulation_resolved > 1
-               else "") + f"), lr {f.effective_lr:g}; run folder {self.run_dir}")
-
-    def _run_dir_name(self) -> str:
-        """--output-dir (or the folder of --resume PATH), else runs/<date-time> chosen by the main process."""
-        folder = run_dir_of(self.cfg)
-        if folder is not None:
-            return str(folder)
-        return broadcast_object_list([datetime.datetime.now().strftime("runs/%Y-%m-%d_%H-%M-%S")])[0]
-
-    def _claim_run_dir(self) -> None:
-        """The main process locks the run folder and checks that a new run does not reuse one; every
-        process hears the outcome."""
-        error = None
-        if self.accelerator.is_main_process:
-            try:
-                self.run_dir.claim(resume=self.cfg.resume is not None)
-            except RunDirError as exc:
-                error = str(exc)
-        error = broadcast_object_list([error])[0]
-        if error:
-            raise RunDirError(error)
+        split = SplitBatches(batches(data.train_rows, sampler), batches(data.val_rows), batches(data.test_rows))
+        return split, features
 
     def _write_run_start(self, cfg: Config, data: PreparedData) -> None:
         """The owner's name in the lock, the split (a new run's), the files that could not be decoded."""
@@ -290,7 +268,7 @@ class FineTune:
         report = build_report(outputs, classes)  # the same on every process
         test_metrics["per_class"] = report.per_class()
         state.finished = True
-        metrics = {"baseline": state.baseline, "test": test_metrics, "train": self._train_numbers(s),
+        metrics = {"baseline": state.baseline, "test": test_metrics, "train": s.train_numbers(),
                    "features": s.features, "skipped_files": sorted(s.data.bad), "config": s.run_config}
         if state.val_history:  # the last epoch's numbers, and every epoch's
             metrics["val"] = {**state.val_history[-1], "history": state.val_history}
@@ -312,14 +290,6 @@ class FineTune:
             s.tracker.log_model(self.run_dir.final_model, test_metrics)
         s.tracker.finish()
         print_summary(self.console, report, state.baseline, test_metrics, self.run_dir.path)
-
-    def _train_numbers(self, s: Setup) -> dict:
-        state = s.state
-        return {"epoch_loss": state.epoch_losses, "images_per_second": state.train_images / max(state.train_seconds,
-                                                                                                 1e-9),
-                "seconds": state.train_seconds, "global_step": state.global_step,
-                "global_batch_size": s.facts.global_batch_size, "lr": s.facts.effective_lr,
-                "num_processes": s.facts.num_processes, "skipped_steps": state.skipped_steps}
 
 
 # ---------------------------------------------------------------- entry point
