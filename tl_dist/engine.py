@@ -133,13 +133,30 @@ class LoopSettings:
                 or (end_of_epoch and self.checkpoint_every_epochs and state.epoch % self.checkpoint_every_epochs == 0))
 
 
+@dataclass(frozen=True)
+class Criterion:
+    """Cross-entropy over hard labels (N,) or soft targets (N x C, rows summing to 1: mixup/cutmix), with
+    label smoothing: the target becomes (1 - eps) * target + eps / C (Szegedy et al., 2016), as
+    `F.cross_entropy(label_smoothing=eps)` defines it for hard labels. Returns the batch mean."""
+    label_smoothing: float = 0.0
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.dim() == 1:
+            return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        eps = self.label_smoothing
+        targets = targets.to(logits.dtype) * (1 - eps) + eps / logits.shape[1]
+        return torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+
+
 @dataclass
 class Training:
-    """What an optimizer step needs: the model, optimizer and schedule as `accelerator.prepare` returned them."""
+    """What an optimizer step needs: the model, optimizer and schedule as `accelerator.prepare` returned them,
+    and the loss."""
     accelerator: object
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
+    criterion: Criterion = Criterion()
 
 
 @dataclass
@@ -166,7 +183,7 @@ def train_step(training: Training, batches: Batches, micro_batches, global_image
         with accelerator.accumulate(model):  # no gradient all-reduce before the last micro-batch
             with accelerator.autocast():
                 out = model(batches.inputs(x, accelerator.device), pooled=batches.pooled)
-                loss = (F.cross_entropy(out, y.to(out.device)) * (len(y) * weight / global_images)
+                loss = (training.criterion(out, y.to(out.device)) * (len(y) * weight / global_images)
                         if len(y) else out.sum() * 0.0)  # an empty share still joins the all-reduce
             accelerator.backward(loss)
         loss_sum += loss.detach().float()
