@@ -16,6 +16,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from tl_dist.augment import (TRIVIAL_OPS, AugmentOptions, MixDraw, TrainingInputs, crop_boxes, cutmix_box, draw_mix,
                              erase, erase_boxes, flip, mix, resized_crop, trivial_augment, trivial_params)
+from tl_dist.config import parse_args
 from tl_dist.data import Resize, load_image, normalize
 from tl_dist.model import eval_resize
 from tl_dist.randomness import StepDraws, image_keys, step_generator, uniforms
@@ -287,3 +288,44 @@ def test_eval_resize_modes():
     assert Resize(32).name == "32px" and Resize(32, 40).name == "40-32px"
     assert Resize(300, 320, "bicubic").name == "320-300px-bicubic"
     assert math.isclose(AugmentOptions().crop_ratio[1], 4 / 3)
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_the_defaults_augment_nothing_and_define_the_run():
+    from tl_dist.config import RUN_DEFINING
+
+    cfg = parse_args([])
+    assert not AugmentOptions.from_config(cfg).active and cfg.eval_resize == "squash" and cfg.cache_size == 0
+    assert AugmentOptions.from_config(cfg) == AugmentOptions()
+    assert {"augment", "crop_scale", "crop_ratio", "hflip", "random_erasing", "mixup", "cutmix", "cache_size",
+            "eval_resize"} <= set(RUN_DEFINING)
+
+
+def test_crop_ranges_come_from_the_command_line_and_from_files(tmp_path):
+    config = tmp_path / "options.yaml"
+    config.write_text("crop-scale: [0.2, 0.9]\naugment: basic\n")
+    cfg = parse_args(["--config", str(config), "--crop-ratio", "0.5", "2"])
+    options = AugmentOptions.from_config(cfg)
+    assert (options.policy, options.crop_scale, options.crop_ratio) == ("basic", (0.2, 0.9), (0.5, 2.0))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--crop-scale", "0.5", "0.2"], "--crop-scale: needs 0 < LO <= HI <= 1"),
+    (["--crop-scale", "0.5"], "--crop-scale: expected 2 arguments"),
+    (["--crop-ratio", "0", "1"], "--crop-ratio: needs 0 < LO <= HI"),
+    (["--hflip", "1.5"], "--hflip: a probability, in [0, 1]"),
+    (["--random-erasing", "-0.1"], "--random-erasing: a probability"),
+    (["--mixup", "-1"], "--mixup: the alpha of Beta(alpha, alpha)"),
+    (["--image-size", "32", "--cache-size", "16"], "--cache-size: 16 is below --image-size 32"),
+    (["--image-size", "32", "--eval-resize", "20"], "--eval-resize: squash, weights, or a size of at least"),
+    (["--eval-resize", "center"], "--eval-resize: squash, weights"),
+    (["--augment", "basic", "--cache-features", "on"], "--cache-features: on trains on stored features of "
+                                                        "unaugmented images"),
+])
+def test_bad_augmentation_options_get_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and f"error: argument {message}" in err, err

@@ -41,12 +41,15 @@ def args(data: Path, out: Path, cache: Path, nproc: int | None, *extra: str) -> 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("augment-distributed")
+    """A folder for the runs, with the images (4 classes x 18, 40 px) in images/."""
+    root = tmp_path_factory.mktemp("augment-distributed")
+    make_image_tree(root / "images" / "caltech-101", classes=4, per_class=18)
+    return root
 
 
 @pytest.fixture(scope="module")
 def data(root) -> Path:
-    return make_image_tree(root / "images" / "caltech-101", classes=4, per_class=18)
+    return root / "images"
 
 
 @pytest.fixture(scope="module")

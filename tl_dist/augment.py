@@ -67,6 +67,7 @@ TRIVIAL_OPS = (
 )
 OP = {name: k for k, (name, _, _) in enumerate(TRIVIAL_OPS)}
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+COLOUR = tuple(name for name, _, _ in TRIVIAL_OPS if name not in GEOMETRIC and name != "Identity")
 
 
 @dataclass(frozen=True)
@@ -248,20 +249,18 @@ def trivial_augment(images: torch.Tensor, op: torch.Tensor, magnitude: torch.Ten
     tensors). One grid_sample for every geometric operation, one batched op per colour operation, each over
     the images that drew it (written back into `images` itself with `inplace`)."""
     out = images if inplace else images.clone()
-    geometric = sum(op == OP[name] for name in GEOMETRIC).bool()
-    if geometric.any():
-        rows = geometric.nonzero()[:, 0]
-        theta = inverse_affine(op[rows], magnitude[rows], images.shape[-1]).to(images.device, images.dtype)
-        rows = rows.to(images.device)
+    ops = op.numpy()
+    geometric = torch.from_numpy(np.flatnonzero(np.isin(ops, [OP[name] for name in GEOMETRIC])))
+    if len(geometric):
+        theta = inverse_affine(op[geometric], magnitude[geometric], images.shape[-1]).to(images.device, images.dtype)
+        rows = geometric.to(images.device)
         out[rows] = affine(out[rows], theta)
-    for name, _, _ in TRIVIAL_OPS:
-        chosen = op == OP[name]
-        if name == "Identity" or name in GEOMETRIC or not chosen.any():
-            continue
-        rows = chosen.nonzero()[:, 0]
-        m = _per_image(magnitude[rows], images)
-        rows = rows.to(images.device)
-        out[rows] = _colour(name, out[rows], m)
+    for name in COLOUR:
+        chosen = torch.from_numpy(np.flatnonzero(ops == OP[name]))
+        if len(chosen):
+            m = _per_image(magnitude[chosen], images)
+            rows = chosen.to(images.device)
+            out[rows] = _colour(name, out[rows], m)
     return out
 
 

@@ -34,9 +34,10 @@ LAYER_STREAMS = 1 << 16  # dropout layer k draws from stream LAYER_STREAMS + k; 
 
 
 def _mul32(x, c: int):
-    """(x * c) mod 2**32 for 0 <= x < 2**32, in 16-bit halves of c so that no product exceeds 2**49: int64
-    tensors never overflow (wrapping on overflow is not something every device promises)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+    """(x * c) mod 2**32 for 0 <= x < 2**32: c above 2**31 is taken as c - 2**32 (the same residue), so the
+    product stays within int64 and never overflows (wrapping on overflow is not something every device
+    promises); `& MASK32` takes the low 32 bits of the two's complement."""
+    return (x * (c - (1 << 32) if c >= 1 << 31 else c)) & MASK32
 
 
 def hash32(x):
