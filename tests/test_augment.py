@@ -329,3 +329,17 @@ def test_bad_augmentation_options_get_one_line(argv, message, capsys):
         parse_args(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and f"error: argument {message}" in err, err
+
+
+def test_predict_resizes_as_the_runs_evaluation():
+    from tl_dist.predict import LoadedModel
+
+    def loaded(config: dict) -> LoadedModel:
+        return LoadedModel(torch.nn.Identity(), config["model"], ["a", "b"], config["image_size"], (0.5,) * 3,
+                           (0.2,) * 3, None, config)
+
+    assert loaded({"model": "vgg16", "weights": "imagenet", "image_size": 224}).resize() == Resize(224)
+    run = loaded({"model": "vgg16", "weights": "imagenet", "image_size": 224, "eval_resize": "weights"})
+    assert run.resize() == Resize(224, 256) and run.resize(112) == Resize(112, 128)  # --image-size of predict
+    assert loaded({"model": "vgg_tiny", "weights": "none", "image_size": 32, "eval_resize": "40"}).resize(64) == \
+        Resize(64, 80)

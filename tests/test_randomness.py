@@ -144,6 +144,8 @@ def test_dropout_masks_of_a_batch_split_over_processes_are_the_unsplit_batchs():
     for rank in range(3):
         split[rank::3] = shares[rank]
     torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-7)
+    with torch.no_grad(), keyed(model, draws.image_keys(indices)):  # the frozen-feature path: the same masks
+        torch.testing.assert_close(model(model.embed(x), pooled=True), whole, rtol=1e-6, atol=1e-7)
     model.eval()
     assert not torch.allclose(model(x), whole, atol=1e-3)  # control: the masks did something
 
