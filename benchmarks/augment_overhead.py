@@ -58,7 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--work-dir", default=None, help="for the decoded-image caches (default: a temporary folder)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     p.add_argument("--label", default="augment-cpu")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--from-json", default=None, help="write the section from a saved --json instead of measuring")
+    p.add_argument("--note", default="", help="a sentence under the measurement (the machine's load, ...)")
     return p.parse_args(argv)
 
 
@@ -119,6 +121,17 @@ def augmentation_seconds(batches, device, calls: int = 5) -> float:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    result = json.loads(Path(a.from_json).read_text()) if a.from_json else measure(a)
+    section = report(a, result)
+    print(section)
+    if a.results:
+        write_section(Path(a.results), a.label, section)
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def measure(a) -> dict:
     work = Path(a.work_dir) if a.work_dir else Path(tempfile.mkdtemp(prefix="tl_dist-augment-"))
     variants = {"plain": run_options(a, work / "cache"),
                 "augmented": run_options(a, work / "cache", *AUGMENTED, "--cache-size", str(a.cache_size))}
@@ -145,12 +158,6 @@ def main(argv=None) -> dict:
               "inputs_seconds": {name: augmentation_seconds(batches[name], accelerator.device) for name in variants},
               "machine": machine_description(), "when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
     result["ratio"] = statistics.median(steps["augmented"]) / statistics.median(steps["plain"])
-    section = report(a, result)
-    print(section)
-    if a.results:
-        write_section(Path(a.results), a.label, section)
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -163,13 +170,14 @@ def report(a, r: dict) -> str:
              f"{r['image_size']} --cache-size {r['cache_size']} --batch-size {r['batch_size']} --steps {r['steps']} "
              f"--repeats {r['repeats']}` on {r['device']} ({r['threads']} threads): full fine-tuning (--freeze none, "
              f"random init, fp32) through `engine.fit`, the variants alternating; augmented = "
-             f"`{' '.join(AUGMENTED)} --cache-size {r['cache_size']}`.", "",
+             f"`{' '.join(AUGMENTED)} --cache-size {r['cache_size']}`." + (f" {a.note}" if a.note else ""), "",
              "| variant | s/step, each repeat | median s/step | images/s |", "|---|---|---|---|"]
     for name, values in r["seconds_per_step"].items():
         lines.append(f"| {name} | {', '.join(f'{v:.3f}' for v in values)} | {medians[name]:.3f} | "
                      f"{r['batch_size'] / medians[name]:.1f} |")
+    each = [aug / plain for aug, plain in zip(r["seconds_per_step"]["augmented"], r["seconds_per_step"]["plain"])]
     lines += ["", f"- **Augmented / plain step time: x{r['ratio']:.3f}** ({(r['ratio'] - 1) * 100:+.1f}%; goal: at "
-              f"most +10%).",
+              f"most +10%), the ratio of the medians; each repeat: {', '.join(f'x{x:.2f}' for x in each)}.",
               f"- The inputs alone (one batch of {r['batch_size']}, median of 5): plain {inputs['plain'] * 1e3:.1f} ms, "
               f"augmented {inputs['augmented'] * 1e3:.1f} ms (crop, flip, TrivialAugment, erasing and mixing of the "
               f"images and their partners): {extra * 1e3:.1f} ms more, {extra / medians['plain'] * 100:.1f}% of a "
