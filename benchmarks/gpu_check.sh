@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the performance issue in one go (about 4 minutes on one H100, 7.5 at most):
+# Every GPU measurement of the performance issue in one go (about 5 minutes on one H100, 8.5 at most):
 #   1. images/s of tl_dist's own code paths, bf16 + channels_last, 224 px, batch 256
 #      (benchmarks/gpu_throughput.py): frozen-feature extraction on synthetic tensors already on the GPU vs
 #      the real input pipeline (real >= 90% of synthetic: the pipeline is not the bottleneck), and full
-#      fine-tuning (--freeze none) through engine.fit, synthetic vs real;
+#      fine-tuning (--freeze none) through engine.fit, synthetic vs real vs real with augmentation on the device
+#      (TrivialAugment crops, random erasing, mixup/cutmix: its overhead, goal <= 5%);
 #   2. an fp16 run of tl_dist/train.py (full fine-tune: the grad-scaler path, with a checkpoint);
 #   3. the article's recipe on the real sample end to end, tl_dist vs the article's loop (benchmarks/bench.py).
 # The sample is read from .device/caltech-101-mini (git-ignored; copy ../shared/data/caltech-101-mini there
@@ -58,7 +59,7 @@ EOF
 STATUS=0
 
 elapsed "1/3 throughput (tl_dist's feature extraction and fine-tune loop, synthetic vs real)"
-timeout 120 "$PY" benchmarks/gpu_throughput.py --data-dir "$DATA" --json "$OUT/throughput.json" "${THROUGHPUT[@]}" \
+timeout 180 "$PY" benchmarks/gpu_throughput.py --data-dir "$DATA" --json "$OUT/throughput.json" "${THROUGHPUT[@]}" \
     || { echo "throughput FAILED ($?)"; STATUS=1; }
 
 elapsed "2/3 $PREC run of tl_dist/train.py, full fine-tune (grad scaler), one checkpoint"
@@ -97,6 +98,9 @@ rows = [
     ("full fine-tune (--freeze none), synthetic input", f"{r['finetune_synthetic_images_per_second']:,.0f}", "3,000 (first target)"),
     ("full fine-tune (--freeze none), real pipeline", f"{r['finetune_real_images_per_second']:,.0f}",
      f"real/synthetic {r['finetune_real_over_synthetic']:.1%}"),
+    ("full fine-tune, real pipeline + augmentation on the device (trivial, erasing, mixup/cutmix)",
+     f"{r['finetune_augmented_images_per_second']:,.0f}",
+     f"overhead {r['augmentation_overhead']:+.1%} (<= 5%: {ok(0.05, r['augmentation_overhead'])})"),
     ("JPEG decode + resize into the cache (all CPU threads)", f"{r['decode_images_per_second']:,.0f}", ""),
 ]
 lines = ["<!-- bench:gpu-throughput -->", f"## gpu-throughput: {r['device']}", "",

@@ -7,7 +7,9 @@
    cache -> loader workers -> pinned memory -> non-blocking copy -> `normalize` on the device). Real at
    least 90% of synthetic means the input pipeline is not the bottleneck.
 2. full fine-tune (--freeze none) through `engine.fit`, the training loop itself: an epoch to warm up
-   (cuDNN autotuning), then a timed one; synthetic (a tensor on the device served as every batch) vs real.
+   (cuDNN autotuning), then a timed one; synthetic (a tensor on the device served as every batch) vs real vs
+   real with augmentation on the device (benchmarks/augment_overhead.py's AUGMENTED: TrivialAugment crops of a
+   cache 256/224 times the image size, random erasing, mixup or cutmix; each image's mixing partner loaded too).
 Defaults: bf16 autocast, channels_last, batch 256, 224 px (the issue's GPU targets). The real data are
 the --data-dir images repeated to at least --images images per pass.
 """
@@ -19,13 +21,16 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
+from augment_overhead import AUGMENTED, train_batches  # noqa: E402
 from tl_dist.checkpoint import TrainState  # noqa: E402
 from tl_dist.config import parse_args as parse_train_args  # noqa: E402
 from tl_dist.console import RunConsole  # noqa: E402
@@ -33,7 +38,7 @@ from tl_dist.data import CachedImages, GlobalBatchSampler, index_images, make_lo
 from tl_dist.engine import Batches, LoopHooks, LoopSettings, TrainLog, Training, extract_features, fit  # noqa: E402
 from tl_dist.model import build_network  # noqa: E402
 from tl_dist.optim import build_optimizer  # noqa: E402
-from tl_dist.prepare import build_image_cache, image_batches  # noqa: E402
+from tl_dist.prepare import PreparedData, build_crop_cache, build_image_cache, image_batches  # noqa: E402
 from tl_dist.runtime import StopRequest, build_accelerator, configure_threads  # noqa: E402
 
 
@@ -67,12 +72,27 @@ class SameBatch(torch.utils.data.Dataset):
         return self.size
 
     def __getitems__(self, positions):
-        return self.images[:len(positions)], self.labels[:len(positions)], None
+        return self.images[:len(positions)], self.labels[:len(positions)], torch.tensor(positions)
 
 
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass
+class Bench:
+    """What both measurements share: the options (and their flags), the process, the indexed images and
+    their decoded-image cache."""
+    a: argparse.Namespace
+    flags: list
+    cfg: object
+    accelerator: object
+    console: RunConsole
+    threads: int
+    index: object
+    array_path: Path
+    work: Path
 
 
 def main(argv=None) -> dict:
@@ -101,10 +121,20 @@ def main(argv=None) -> dict:
     result["decode_images_per_second"] = len(index) / (time.perf_counter() - tic)
     repeat = -(-a.images // len(index))
     rows = (list(range(len(index))) * repeat)[:max(a.batch_size, a.images // a.batch_size * a.batch_size)]
-    labels = [index.labels[r] for r in rows]
+    bench = Bench(a, flags, cfg, accelerator, console, threads, index, array_path, work)
+    result.update(feature_throughput(bench, rows))
+    result.update(finetune_throughput(bench, rows))
+    print(json.dumps(result, indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return result
 
-    # ---- 1. frozen-feature extraction
-    model = accelerator.prepare(build_network(cfg, len(index.classes)))
+
+def feature_throughput(bench: Bench, rows: list[int]) -> dict:
+    """1. frozen-feature extraction: synthetic inputs already on the device, then the real pipeline."""
+    a, cfg, accelerator = bench.a, bench.cfg, bench.accelerator
+    device, result = accelerator.device, {}
+    model = accelerator.prepare(build_network(cfg, len(bench.index.classes)))
     net = accelerator.unwrap_model(model).eval()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     x = torch.randn(a.batch_size, 3, a.image_size, a.image_size, device=device).contiguous(memory_format=fmt)
@@ -122,7 +152,8 @@ def main(argv=None) -> dict:
     result["features_synthetic_images_per_second"] = n_batches * a.batch_size / (time.perf_counter() - tic)
     result["feature_dim"] = f.shape[1]
 
-    batches = image_batches(cfg, accelerator, CachedImages(array_path, rows, labels), model)
+    labels = [bench.index.labels[r] for r in rows]
+    batches = image_batches(cfg, accelerator, CachedImages(bench.array_path, rows, labels), model)
     real = []
     for _ in range(2):  # the first pass starts the loader workers; the second is the steady state
         tic = time.perf_counter()
@@ -133,48 +164,60 @@ def main(argv=None) -> dict:
     result["features_real_images_per_second"] = real[1]
     result["features_real_over_synthetic"] = real[1] / result["features_synthetic_images_per_second"]
     del model, net, batches, f
-    if on_gpu:
+    if device.type == "cuda":
         torch.cuda.empty_cache()
+    return result
 
-    # ---- 2. full fine-tune through engine.fit, built as train.py builds it
-    cfg.freeze, cfg.lr = "none", 1e-4
+
+def finetune_throughput(bench: Bench, rows: list[int]) -> dict:
+    """2. full fine-tune through engine.fit, built as train.py builds it: synthetic, real, real augmented."""
+    a, accelerator, index = bench.a, bench.accelerator, bench.index
+    device, result = accelerator.device, {}
+    cfg, augmented = (parse_train_args(bench.flags + extra) for extra in
+                      ([], AUGMENTED + ["--cache-size", str(a.image_size * 256 // 224)]))
+    for options in (cfg, augmented):
+        options.freeze, options.lr = "none", 1e-4
     n_train = a.train_steps * a.batch_size
     rows_ft = (rows * (-(-n_train // len(rows))))[:n_train]
+    data = PreparedData(index, bench.array_path, {}, None, rows_ft, [], [],
+                        *build_crop_cache(augmented, accelerator, bench.console, index, bench.threads,
+                                          bench.array_path))
     images = torch.randint(0, 256, (a.batch_size, 3, a.image_size, a.image_size), dtype=torch.uint8, device=device)
     ys = torch.randint(0, len(index.classes), (a.batch_size,), device=device)
-    for source in ("synthetic", "real"):
+    for source in ("synthetic", "real", "augmented"):
         model = build_network(cfg, len(index.classes))
         optimizer, scheduler, _ = build_optimizer(cfg, model, 1, accelerator.device, total_steps=2 * a.train_steps)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        sampler = GlobalBatchSampler(len(rows_ft), a.batch_size, 1, 0, seed=0)
-        dataset = (CachedImages(array_path, rows_ft, [index.labels[r] for r in rows_ft]) if source == "real"
-                   else SameBatch(images, ys, len(rows_ft)))
-        batches = (image_batches(cfg, accelerator, dataset, model, sampler) if source == "real"
-                   else Batches(make_loader(dataset, sampler), pooled=False, channels_last=cfg.channels_last,
-                                mean=accelerator.unwrap_model(model).mean, std=accelerator.unwrap_model(model).std))
+        if source == "synthetic":
+            sampler = GlobalBatchSampler(len(rows_ft), a.batch_size, 1, 0, seed=0)
+            batches = Batches(make_loader(SameBatch(images, ys, len(rows_ft)), sampler), pooled=False,
+                              channels_last=cfg.channels_last, mean=accelerator.unwrap_model(model).mean,
+                              std=accelerator.unwrap_model(model).std)
+        else:
+            batches = train_batches(augmented if source == "augmented" else cfg, accelerator, data, model)
         state = TrainState()
         speeds = []
         for epoch in range(2):  # epoch 1 warms up; epoch 2 is timed
             settings = LoopSettings(epochs=epoch + 1, log_every=1000)
             state.train_images, state.train_seconds = 0, 0.0
             outcome = fit(Training(accelerator, model, optimizer, scheduler), batches, state, settings,
-                          TrainLog(NoTracker(), console, settings), LoopHooks(StopRequest(work / "STOP"), lambda: None))
+                          TrainLog(NoTracker(), bench.console, settings),
+                          LoopHooks(StopRequest(bench.work / "STOP"), lambda: None))
             assert outcome.value == "finished", outcome
             sync(device)
             speeds.append(state.train_images / state.train_seconds)
         result[f"finetune_{source}_images_per_second"] = speeds[1]
         result[f"finetune_{source}_images_per_second_first_epoch"] = speeds[0]
-        if on_gpu:
+        if device.type == "cuda":
             result[f"finetune_{source}_peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         del model, optimizer, scheduler, batches
-        if on_gpu:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
     result["finetune_real_over_synthetic"] = (result["finetune_real_images_per_second"]
                                               / result["finetune_synthetic_images_per_second"])
-    print(json.dumps(result, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+    result["augmentation_overhead"] = (result["finetune_real_images_per_second"]
+                                       / result["finetune_augmented_images_per_second"] - 1)
     return result
 
 

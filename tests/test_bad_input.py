@@ -176,7 +176,7 @@ def test_very_large_images_are_kept(tmp_path, monkeypatch):
     tmp = cache.create_tmp()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        bad = cache.fill(tmp, range(len(index)), threads=4)
+        bad, _ = cache.fill(tmp, range(len(index)), threads=4)
         assert (load_image(root / "a" / "large_0.png", 8) == (10, 20, 30)).all()
     assert index.files[0] == "a/bomb.png"
     assert list(bad) == [0] and "DecompressionBombError" in bad[0]

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision import transforms
 
 from tl_dist.data import (DataError, ImageCache, find_image_root, index_images, load_image, normalize,
-                          stratified_sample, stratified_split, warn_untested_classes)
+                          original_sizes, stratified_sample, stratified_split, warn_untested_classes)
 
 
 def test_real_sample_index(sample_dir):
@@ -100,9 +100,10 @@ def test_image_cache_is_keyed_by_files_and_size(image_tree, tmp_path):
     cache = ImageCache(tmp_path, index, 16)
     assert not cache.complete()
     tmp = cache.create_tmp()
-    bad = cache.fill(tmp, range(len(index)), threads=2)
-    cache.publish(tmp, bad)
+    bad, sizes = cache.fill(tmp, range(len(index)), threads=2)
+    cache.publish(tmp, bad, sizes)
     assert cache.complete() and cache.bad_files() == {}
+    assert original_sizes(cache.array_path).tolist() == [[40, 40]] * len(index)  # the tree's images, 40 px
     arr = np.load(cache.array_path, mmap_mode="r")
     assert arr.shape == (len(index), 16, 16, 3) and arr.dtype == np.uint8
     np.testing.assert_array_equal(arr[5], load_image(index.root / index.files[5], 16))

@@ -78,7 +78,7 @@ def test_image_cache_is_reused_and_rebuilt_when_a_file_changes(image_tree, tmp_p
         cache = ImageCache(cache_dir, index, 24)
         if not cache.complete():
             tmp = cache.create_tmp()
-            cache.publish(tmp, cache.fill(tmp, range(len(index)), threads=2))
+            cache.publish(tmp, *cache.fill(tmp, range(len(index)), threads=2))
             return cache, True
         return cache, False
 

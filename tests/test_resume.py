@@ -3,8 +3,8 @@
 For 1 and 2 CPU processes (fp32): an uninterrupted run, and a run killed with SIGKILL (the launcher, its
 workers and W&B's service, all at once) in the middle of an epoch, after a checkpoint, then started again
 with `--resume auto`. Both must end with bit-identical weights and the same metrics; the W&B run is continued
-(same id, a second offline folder, no step logged twice). vgg_tiny keeps its dropout (0.5), so the
-restored RNG states matter: without them the resumed run draws other dropout masks.
+(same id, a second offline folder, no step logged twice). vgg_tiny keeps its dropout (0.5): the resumed run
+must draw the masks the uninterrupted run drew (from each image's key, randomness.py).
 """
 
 from __future__ import annotations

@@ -41,6 +41,9 @@ class Config:
                             "Data", -1)
     cache_dir: str = _opt("decoded-image cache (memory-mapped uint8 arrays); never inside --data-dir", "Data",
                           str(Path("~/.cache/tl_dist")))
+    eval_resize: str = _opt("how evaluation resizes to --image-size: squash (the article's Resize((S, S))), weights "
+                            "(the weights' own Resize(R) + CenterCrop(S), R scaled to S), or R (Resize(R) + "
+                            "CenterCrop(S))", "Data", "squash")
     # --- Model ---
     model: str = _opt("network: vgg16 (the article), another torchvision classification network by name "
                       "(resnet50, efficientnet_b0, convnext_tiny, vit_b_16, ...; see --list-models), or "
@@ -69,9 +72,28 @@ class Config:
     momentum: float = _opt("SGD momentum", "Optimisation", 0.9)
     lr_schedule: str = _opt("constant (the article) or cosine decay over all steps", "Optimisation",
                             "constant", choices=("constant", "cosine"))
-    seed: int = _opt("seed of the split, the initialisation, the shuffling and dropout", "Optimisation", 0)
+    seed: int = _opt("seed of the split, the initialisation, the shuffling, the augmentation and dropout",
+                     "Optimisation", 0)
     max_steps: int = _opt("stop after this many optimizer steps in total (0 = no limit); for debug runs",
                           "Optimisation", 0, nonnegative=True)
+    # --- Augmentation (training images only; drawn per image from --seed, epoch and index: augment.py) ---
+    augment: str = _opt("per-image policy: none (the article), basic (random resized crop + horizontal flip), "
+                        "trivial (basic + TrivialAugmentWide)", "Augmentation", "none",
+                        choices=("none", "basic", "trivial"))
+    crop_scale: tuple[float, float] = _opt("random resized crop: range of the box's share of the image's area",
+                                           "Augmentation", (0.08, 1.0), nargs=2)
+    crop_ratio: tuple[float, float] = _opt("random resized crop: range of the box's aspect ratio (width / height)",
+                                           "Augmentation", (3 / 4, 4 / 3), nargs=2)
+    hflip: float = _opt("probability of a horizontal flip (with --augment basic or trivial)", "Augmentation", 0.5,
+                        metavar="P")
+    random_erasing: float = _opt("probability of erasing a random box of each image (torchvision's "
+                                 "RandomErasing; 0 = off)", "Augmentation", 0.0, metavar="P")
+    mixup: float = _opt("mixup alpha: images mixed with weight ~ Beta(alpha, alpha), soft targets (0 = off)",
+                        "Augmentation", 0.0, metavar="ALPHA")
+    cutmix: float = _opt("cutmix alpha (0 = off); with --mixup too, each step does one of them at random",
+                         "Augmentation", 0.0, metavar="ALPHA")
+    cache_size: int = _opt("side of the cached images random crops are cut from (0 = --image-size); larger keeps "
+                           "their detail, e.g. 256 for 224 px crops", "Augmentation", 0, nonnegative=True)
     # --- Speed ---
     mixed_precision: str | None = _opt("autocast dtype (default: what accelerate launch was given)", "Speed",
                                        None, choices=("no", "fp16", "bf16"))
@@ -124,7 +146,9 @@ class Config:
 # gives them back. --batch-size is checked as the global batch, so that a run can resume on another number
 # of processes (resume.py).
 RUN_DEFINING = ("model", "weights", "freeze", "dropout", "image_size", "seed", "test_fraction", "val_fraction",
-                "max_samples", "lr", "momentum", "scale_lr", "lr_schedule")
+                "max_samples", "lr", "momentum", "scale_lr", "lr_schedule",
+                "eval_resize", "augment", "crop_scale", "crop_ratio", "hflip", "random_erasing", "mixup", "cutmix",
+                "cache_size")
 @dataclass(frozen=True)
 class RunFacts:
     """What a run writes into its config.json besides its options: what it resolved and found. Ignored when
@@ -188,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(_flag(f.name), action="store_true", help=meta["help"])
             continue
         kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)  # "int | None": an int or unset
+        if meta.get("nargs"):  # "tuple[float, float]": two numbers, LO HI
+            kind, metavar = float, ("LO", "HI")
+        else:
+            metavar = None if meta["choices"] else meta.get("metavar", f.name.split("_")[-1].upper())
         group.add_argument(_flag(f.name), type=kind, default=f.default, choices=meta["choices"],
-                           metavar=None if meta["choices"] else f.name.split("_")[-1].upper(),
-                           help=meta["help"])
+                           nargs=meta.get("nargs"), metavar=metavar, help=meta["help"])
     groups["Model"].add_argument("--list-models", action=_ListModels,
                                  help="print the networks --model takes, their weights and trained block; exit")
     return parser
@@ -225,6 +252,8 @@ def _file_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
     for name, value in values.items():
         if known[name].type == "bool":
             argv += [_flag(name)] if value else []
+        elif isinstance(value, (list, tuple)):
+            argv += [_flag(name), *map(str, value)]
         elif value is not None:
             argv += [_flag(name), str(value)]
     parsed = vars(parser.parse_args(argv))  # the same type checks and choices as flags
@@ -284,6 +313,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error(f"argument --dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.num_workers < -1:
         parser.error(f"argument --num-workers: must be -1 or more, got {cfg.num_workers}")
+    _check_augmentation(parser, cfg)
     _check_paths_and_workers(parser, cfg)
     check_network(parser, cfg)
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_dir():
@@ -297,6 +327,33 @@ def parse_args(argv: list[str] | None = None) -> Config:
                      "its features every step)")
     cfg.cache_dir = os.path.expanduser(cfg.cache_dir)
     return cfg
+
+
+def _check_augmentation(parser: argparse.ArgumentParser, cfg: Config) -> None:
+    lo, hi = cfg.crop_scale
+    if not 0 < lo <= hi <= 1:
+        parser.error(f"argument --crop-scale: needs 0 < LO <= HI <= 1 (shares of the image's area), got {lo} {hi}")
+    lo, hi = cfg.crop_ratio
+    if not 0 < lo <= hi:
+        parser.error(f"argument --crop-ratio: needs 0 < LO <= HI (aspect ratios, width / height), got {lo} {hi}")
+    for name in ("hflip", "random_erasing"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            parser.error(f"argument {_flag(name)}: a probability, in [0, 1]; got {getattr(cfg, name)}")
+    for name in ("mixup", "cutmix"):
+        if not 0.0 <= getattr(cfg, name) < 1e6:
+            parser.error(f"argument {_flag(name)}: the alpha of Beta(alpha, alpha), 0 (off) or more; got "
+                         f"{getattr(cfg, name)}")
+    if cfg.cache_size and cfg.cache_size < cfg.image_size:
+        parser.error(f"argument --cache-size: {cfg.cache_size} is below --image-size {cfg.image_size}; pass 0 "
+                     f"(the image size) or at least {cfg.image_size}")
+    if cfg.eval_resize not in ("squash", "weights") and not (cfg.eval_resize.isdigit()
+                                                              and int(cfg.eval_resize) >= cfg.image_size):
+        parser.error(f"argument --eval-resize: squash, weights, or a size of at least --image-size "
+                     f"{cfg.image_size} (the shorter side before the centre crop); got {cfg.eval_resize!r}")
+    augmenting = cfg.augment != "none" or cfg.random_erasing or cfg.mixup or cfg.cutmix
+    if cfg.cache_features == "on" and augmenting:
+        parser.error("argument --cache-features: on trains on stored features of unaugmented images; with "
+                     "augmentation, leave it at auto (or off)")
 
 
 def _check_paths_and_workers(parser: argparse.ArgumentParser, cfg: Config) -> None:

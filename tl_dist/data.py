@@ -1,7 +1,9 @@
 """Data: download, index, decode once into a cache, split, and batch. Plain torch/torchvision/PIL.
 
 The article decodes and resizes every JPEG again in every epoch. Here each image is decoded, converted to
-RGB and resized to SIZE x SIZE exactly once, into a memory-mapped uint8 array (the decoded-image cache).
+RGB and resized to SIZE x SIZE exactly once, into a memory-mapped uint8 array (the decoded-image cache): as
+the article resizes (squashed), or as torchvision's weights.transforms() do (shorter side, centre crop), see
+`Resize`.
 That decode is also the verify pass: a file that cannot be decoded is left out and reported. Batches are
 uint8 tensors; `normalize` turns them into the article's `ToTensor() + Normalize(mean, std)` on the device.
 """
@@ -33,7 +35,7 @@ IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KAGGLE_DATASET = "imbikramsaha/caltech-101"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the metadata holds each file's original size
 
 
 class DataError(RuntimeError):
@@ -202,36 +204,66 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, image_size: int) -> np.ndarray:
-    """Decode strictly (a truncated file raises), convert to RGB, resize as the article does
-    (torchvision's `Resize((S, S))` on the PIL image). Returns a uint8 array S x S x 3."""
+@dataclass(frozen=True)
+class Resize:
+    """How a decoded image becomes a `size` x `size` cache row: squashed, as the article resizes
+    (torchvision's `Resize((S, S))`), or, with `shorter`, its shorter side resized to that and the centre
+    cut out (`Resize(R)` then `CenterCrop(S)`: what a torchvision weights' `transforms()` do before
+    ToTensor), with the same PIL calls and interpolation, so the pixels are exactly torchvision's."""
+    size: int
+    shorter: int | None = None
+    interpolation: str = "bilinear"
+
+    @property
+    def name(self) -> str:
+        """Its part of the cache file's name: `224px` (squashed), `256-224px` (resize, then centre crop)."""
+        if self.shorter is None:
+            return f"{self.size}px"
+        return f"{self.shorter}-{self.size}px" + ("" if self.interpolation == "bilinear" else f"-{self.interpolation}")
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        mode = TF.InterpolationMode(self.interpolation)
+        if self.shorter is None:
+            img = TF.resize(img, [self.size, self.size], interpolation=mode)
+        else:
+            img = TF.center_crop(TF.resize(img, [self.shorter], interpolation=mode), [self.size, self.size])
+        return np.array(img, dtype=np.uint8)
+
+
+def decode_image(path: str | Path) -> Image.Image:
+    """Decode strictly (a truncated file raises) and convert to RGB."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()
-            img = _to_rgb(img)
-    img = TF.resize(img, [image_size, image_size])
-    return np.array(img, dtype=np.uint8)
+            return _to_rgb(img)
+
+
+def load_image(path: str | Path, resize: int | Resize) -> np.ndarray:
+    """Decode strictly, convert to RGB, resize (an int S: as the article does, `Resize((S, S))` on the PIL
+    image). Returns a uint8 array S x S x 3."""
+    return (Resize(resize) if isinstance(resize, int) else resize)(decode_image(path))
 
 
 def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
 
-def decode_rows(index: ImageIndex, rows, out: np.ndarray, image_size: int, threads: int,
-                on_progress: Callable[[int], None] | None = None) -> dict[int, str]:
-    """Decode index rows into `out`; returns {row: reason} for files that cannot be decoded. PIL
-    releases the GIL while decoding and resizing, so threads use the cores. `on_progress(done)` is
-    called in this thread as rows complete. An exception here (Ctrl-C, runtime.Interrupted) cancels the rows
-    not started yet instead of decoding them all first."""
+def decode_rows(index: ImageIndex, rows, out: np.ndarray, resize: Resize, threads: int,
+                on_progress: Callable[[int], None] | None = None) -> tuple[dict[int, str], dict[int, tuple]]:
+    """Decode index rows into `out`; returns {row: reason} for files that cannot be decoded, and {row:
+    (width, height)} of the others, their original sizes. PIL releases the GIL while decoding and resizing, so
+    threads use the cores. `on_progress(done)` is called in this thread as rows complete. An exception here
+    (Ctrl-C, runtime.Interrupted) cancels the rows not started yet instead of decoding them all first."""
     def one(row):
         try:
-            out[row] = load_image(index.root / index.files[row], image_size)
+            img = decode_image(index.root / index.files[row])
+            out[row] = resize(img)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, not fatal
             return row, _describe(exc)
-        return row, None
+        return row, img.size
 
-    bad = {}
+    bad, sizes = {}, {}
     # The warning filters are one process-wide list, and catch_warnings() in several threads at once
     # restores them in any order: set the filter here, before the threads start, so that all of them
     # see it (else a large image could be skipped under `python -W error`).
@@ -239,21 +271,23 @@ def decode_rows(index: ImageIndex, rows, out: np.ndarray, image_size: int, threa
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         pool = ThreadPoolExecutor(max(1, threads))
         try:
-            for done, (row, why) in enumerate(pool.map(one, rows), 1):
-                if why is not None:
-                    bad[row] = why
+            for done, (row, outcome) in enumerate(pool.map(one, rows), 1):
+                if isinstance(outcome, str):
+                    bad[row] = outcome
+                else:
+                    sizes[row] = outcome
                 if on_progress is not None:
                     on_progress(done)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # on an interrupt: only the rows in flight finish
-    return bad
+    return bad, sizes
 
 
 class ImageCache:
-    """The decoded-image cache: `<cache_dir>/images-<key>.npy` (N x S x S x 3 uint8) and a `.json`
-    beside it listing the files that could not be decoded. The key covers the data folder, every file's
-    path, size and modification time, and the image size. The .json is written last: a cache without
-    it is incomplete and is built again.
+    """The decoded-image cache: `<cache_dir>/images-<key>-<resize>.npy` (N x S x S x 3 uint8) and a `.json`
+    beside it listing the files that could not be decoded and the original size of the others. The key covers
+    the data folder, every file's path, size and modification time, and how images are resized (`Resize`).
+    The .json is written last: a cache without it is incomplete and is built again.
 
     It is built in a hidden temp file named after its writer (`.<name>.tmp-<host>-<pid>.npy`, up to
     1.4 GB for Caltech-101 at 224 px) and renamed into place when complete. `building()` removes the
@@ -266,16 +300,17 @@ class ImageCache:
     # Before the host was in the name: `.images-<key>-<S>px.<pid>-<time_ns>.npy`, taken as this host's.
     OLD_TMP_NAME = re.compile(r"^\.images-.+px\.(?P<pid>\d+)-\d+\.npy$")
 
-    def __init__(self, cache_dir: str | Path, index: ImageIndex, image_size: int):
-        digest = hashlib.sha256(f"v{CACHE_VERSION} {index.root.resolve()} {image_size}\n".encode())
+    def __init__(self, cache_dir: str | Path, index: ImageIndex, resize: int | Resize):
+        resize = Resize(resize) if isinstance(resize, int) else resize
+        digest = hashlib.sha256(f"v{CACHE_VERSION} {index.root.resolve()} {resize.name}\n".encode())
         for rel in index.files:
             st = (index.root / rel).stat()
             digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         self.key = digest.hexdigest()[:20]
         self.dir = Path(cache_dir)
-        self.array_path = self.dir / f"images-{self.key}-{image_size}px.npy"
+        self.array_path = self.dir / f"images-{self.key}-{resize.name}.npy"
         self.meta_path = self.array_path.with_suffix(".json")
-        self.index, self.image_size = index, image_size
+        self.index, self.resize, self.image_size = index, resize, resize.size
 
     def complete(self) -> bool:
         return self.meta_path.is_file() and self.array_path.is_file()
@@ -338,15 +373,18 @@ class ImageCache:
             return False
         return False
 
-    def fill(self, tmp: Path, rows, threads: int, on_progress=None) -> dict[int, str]:
+    def fill(self, tmp: Path, rows, threads: int, on_progress=None) -> tuple[dict[int, str], dict[int, tuple]]:
+        """Decodes `rows` into the temp file: ({row: why} of the files that cannot be decoded, {row: (width,
+        height)} of the others)."""
         out = np.load(tmp, mmap_mode="r+")
-        bad = decode_rows(self.index, rows, out, self.image_size, threads, on_progress)
+        decoded = decode_rows(self.index, rows, out, self.resize, threads, on_progress)
         out.flush()
-        return bad
+        return decoded
 
-    def publish(self, tmp: Path, bad: dict[int, str]) -> None:
-        meta = {"files": len(self.index), "image_size": self.image_size,
-                "bad": {self.index.files[r]: why for r, why in sorted(bad.items())}}
+    def publish(self, tmp: Path, bad: dict[int, str], sizes: dict[int, tuple]) -> None:
+        meta = {"files": len(self.index), "image_size": self.image_size, "resize": self.resize.name,
+                "bad": {self.index.files[r]: why for r, why in sorted(bad.items())},
+                "sizes": [list(sizes.get(r, (0, 0))) for r in range(len(self.index))]}
         os.replace(tmp, self.array_path)
         tmp_meta = tmp.with_suffix(".json")
         tmp_meta.write_text(json.dumps(meta, indent=1))
@@ -356,6 +394,13 @@ class ImageCache:
         with contextlib.suppress(OSError):  # each run that uses the cache marks its last use (tl_dist.cache)
             os.utime(self.meta_path)
         return json.loads(self.meta_path.read_text())["bad"]
+
+
+def original_sizes(array_path: Path) -> np.ndarray:
+    """(width, height) of each file of a complete decoded-image cache before it was resized, N x 2 int64
+    (0 for the files that cannot be decoded)."""
+    sizes = json.loads(Path(array_path).with_suffix(".json").read_text())["sizes"]
+    return np.array(sizes, dtype=np.int64).reshape(-1, 2)
 
 
 def keep_decodable(index: ImageIndex, bad: dict[str, str], warn=print) -> tuple[ImageIndex, list[int]]:
@@ -472,12 +517,16 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     samples (the last one may be shorter); process r takes samples r, r + P, r + 2P, ... of it, cut into
     `accumulation` micro-batches of `batch_size`. So the global batches, and the training, are the same for
     any number of processes (a run may resume on another number), nothing is padded or seen twice, and
-    every process yields the same number of micro-batches (at the very end some may be empty)."""
+    every process yields the same number of micro-batches (at the very end some may be empty).
+
+    With `partners` (mixup, cutmix), each micro-batch lists its samples, then each one's partner: the sample
+    before it in the global batch (the last for the first), as torchvision's MixUp pairs a batch with itself
+    rolled by one, over the global batch; so the pairs too are the same for any number of processes."""
 
     def __init__(self, size: int, batch_size: int, num_processes: int, rank: int, seed: int,
-                 accumulation: int = 1):
+                 accumulation: int = 1, partners: bool = False):
         self.size, self.batch_size, self.num_processes, self.rank = size, batch_size, num_processes, rank
-        self.seed, self.accumulation = seed, accumulation
+        self.seed, self.accumulation, self.partners = seed, accumulation, partners
         self.global_batch = batch_size * num_processes * accumulation
         self.steps_per_epoch = -(-size // self.global_batch)
         self.epoch, self.start_step = 0, 0
@@ -494,9 +543,12 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         g.manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.size, generator=g).tolist()
         for step in range(self.start_step, self.steps_per_epoch):
-            mine = order[step * self.global_batch:(step + 1) * self.global_batch][self.rank::self.num_processes]
+            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            mine = batch[self.rank::self.num_processes]
+            partners = [batch[k - 1] for k in range(self.rank, len(batch), self.num_processes)]
             for m in range(self.accumulation):
-                yield mine[m * self.batch_size:(m + 1) * self.batch_size]
+                micro = slice(m * self.batch_size, (m + 1) * self.batch_size)
+                yield mine[micro] + (partners[micro] if self.partners else [])
 
     def __len__(self) -> int:
         return max(0, self.steps_per_epoch - self.start_step) * self.accumulation
@@ -504,9 +556,10 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
 
 def normalize(images: torch.Tensor, channels_last: bool = False, mean=IMAGENET_MEAN,
               std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 N x 3 x S x S -> the article's ToTensor() + Normalize(mean, std), on their device. The mean and
-    std are those the network's weights were trained with (TransferNet.mean/.std; ImageNet's for VGG16)."""
+    """uint8 N x 3 x S x S (or float in [0, 1]) -> the article's ToTensor() + Normalize(mean, std), on their
+    device. The mean and std are those the network's weights were trained with (TransferNet.mean/.std;
+    ImageNet's for VGG16)."""
     mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    x = (images.float() / 255 - mean) / std
+    x = ((images.float() / 255 if images.dtype == torch.uint8 else images) - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x

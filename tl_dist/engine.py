@@ -4,7 +4,8 @@ Distribution is Accelerate's: `prepare` wraps the model (DDP) and shards the eva
 `accumulate` and `backward` scale, accumulate and sync gradients, `autocast` applies --mixed-precision,
 `reduce` and `gather_for_metrics` combine numbers from every process (dropping the evaluation loader's
 padding). The training batches come from `data.GlobalBatchSampler`: the same global batches, in the same
-order, for any number of processes.
+order, for any number of processes; and every random choice of a step (augmentation, mixing, dropout
+masks) is drawn from (seed, epoch, each image's index), never from the process (randomness.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tl_dist.checkpoint import TrainState
 from tl_dist.console import QuietPhase
 from tl_dist.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from tl_dist.metrics import compute_metrics
+from tl_dist.randomness import StepDraws, keyed
 from tl_dist.runtime import StopRequest
 
 
@@ -35,16 +37,28 @@ class Outcome(enum.Enum):
 @dataclass
 class Batches:
     """An iterable of (inputs, labels, positions) and how to turn its inputs into network inputs:
-    uint8 images are normalised on the device; pooled features go straight to the classifier."""
+    uint8 images are normalised on the device; pooled features go straight to the classifier. Training
+    images may be augmented on the device first (`augment`: augment.TrainingInputs)."""
     loader: object
     pooled: bool
     channels_last: bool = False
     mean: tuple = IMAGENET_MEAN  # the network's input normalisation (TransferNet.mean, .std)
     std: tuple = IMAGENET_STD
+    augment: Callable | None = None
 
     def inputs(self, x: torch.Tensor, device) -> torch.Tensor:
         x = x.to(device, non_blocking=True)
         return x if self.pooled else normalize(x, channels_last=self.channels_last, mean=self.mean, std=self.std)
+
+    def training_inputs(self, batch, draws: StepDraws, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training micro-batch (inputs, labels, positions in the split) -> the network's inputs, the targets
+        (labels, or soft targets when images are mixed) and the images' keys (their dropout masks), on the
+        device."""
+        x, labels, positions = batch
+        if self.augment is not None:
+            return self.augment(x, labels, positions, draws, device)
+        keys = draws.image_keys(positions).to(device, non_blocking=True)
+        return self.inputs(x, device), labels.to(device, non_blocking=True), keys
 
 
 class SkippedSteps:
@@ -120,6 +134,7 @@ class LoopSettings:
     checkpoint_every_steps: int = 0
     max_skipped_steps: int = 50
     log_every: int = 10
+    seed: int = 0  # what, with the epoch and the image, every random choice of a step is drawn from
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return min(steps_per_epoch * self.epochs, self.max_steps or 10**12)
@@ -168,23 +183,25 @@ class LoopHooks:
     validate: Callable[[TrainState], None] | None = None
 
 
-def train_step(training: Training, batches: Batches, micro_batches, global_images: int) -> float:
+def train_step(training: Training, batches: Batches, micro_batches, global_images: int,
+               draws: StepDraws) -> float:
     """One optimizer step over one global batch, given as this process' micro-batches (one per gradient
-    accumulation step). Returns the mean loss over the global batch. The update is applied only when that
-    loss is finite (in fp16 the grad scaler skips a non-finite step itself); it is the same on every
-    process, so all of them apply it or none does."""
+    accumulation step), with its random choices drawn from `draws`. Returns the mean loss over the global
+    batch. The update is applied only when that loss is finite (in fp16 the grad scaler skips a non-finite
+    step itself); it is the same on every process, so all of them apply it or none does."""
     accelerator, model = training.accelerator, training.model
     # Each micro-batch's loss is weighted by its share of the global batch (times the processes, which DDP
     # averages over, and the accumulation steps, which Accelerate divides by): a shorter last batch then
     # gives the exact mean, whatever the number of processes. The weight is exactly 1 for a full batch.
     weight = accelerator.num_processes * len(micro_batches)
     loss_sum = torch.zeros((), device=accelerator.device)
-    for x, y in micro_batches:
+    for batch in micro_batches:
         with accelerator.accumulate(model):  # no gradient all-reduce before the last micro-batch
-            with accelerator.autocast():
-                out = model(batches.inputs(x, accelerator.device), pooled=batches.pooled)
-                loss = (training.criterion(out, y.to(out.device)) * (len(y) * weight / global_images)
-                        if len(y) else out.sum() * 0.0)  # an empty share still joins the all-reduce
+            x, targets, keys = batches.training_inputs(batch, draws, accelerator.device)
+            with accelerator.autocast(), keyed(model, keys):
+                out = model(x, pooled=batches.pooled)
+                loss = (training.criterion(out, targets) * (len(x) * weight / global_images)
+                        if len(x) else out.sum() * 0.0)  # an empty share still joins the all-reduce
             accelerator.backward(loss)
         loss_sum += loss.detach().float()
     step_loss = accelerator.reduce(loss_sum / len(micro_batches), "mean").item()  # note: a sync point
@@ -207,7 +224,8 @@ def fit(training: Training, batches: Batches, state: TrainState, settings: LoopS
         training.model.train()
         log.start_epoch(state, sampler.steps_per_epoch)
         for micro_batches, global_images in global_steps(batches.loader, sampler):
-            loss = train_step(training, batches, micro_batches, global_images)
+            draws = StepDraws(settings.seed, state.epoch, state.step_in_epoch)
+            loss = train_step(training, batches, micro_batches, global_images, draws)
             if not math.isfinite(loss) and accelerator.mixed_precision != "fp16":
                 log.error(f"non-finite loss ({loss}) at step {state.global_step + 1} (epoch {state.epoch + 1}); "
                           "stopped before applying it. Try a lower --lr or --mixed-precision no.")
@@ -241,10 +259,11 @@ def fit(training: Training, batches: Batches, state: TrainState, settings: LoopS
 
 
 def global_steps(loader, sampler):
-    """(this process' micro-batches as (inputs, labels), images in the global batch), one per step."""
+    """(this process' micro-batches as (inputs, labels, positions in the split), images in the global batch),
+    one per step."""
     batches = iter(loader)
     for step in range(sampler.start_step, sampler.steps_per_epoch):
-        micro = [next(batches)[:2] for _ in range(sampler.accumulation)]
+        micro = [next(batches) for _ in range(sampler.accumulation)]
         yield micro, sampler.global_images(step)
 
 

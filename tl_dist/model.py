@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torchvision import models
 
-from tl_dist.data import IMAGENET_MEAN, IMAGENET_STD
+from tl_dist.data import IMAGENET_MEAN, IMAGENET_STD, Resize
+from tl_dist.randomness import use_keyed_randomness
 
 TINY = "vgg_tiny"  # a small network with VGG16's layout, for fast tests
 TINY_MIN_SIZE = 4  # its two 2x2 max-pools need at least 4 px
@@ -120,6 +121,23 @@ def normalization(arch: str, weights: str) -> tuple[tuple[float, ...], tuple[flo
         return IMAGENET_MEAN, IMAGENET_STD
     transform = entry.transforms()
     return tuple(transform.mean), tuple(transform.std)
+
+
+def eval_resize(arch: str, weights: str, image_size: int, mode: str = "squash") -> Resize:
+    """How evaluation turns an image into image_size x image_size (--eval-resize MODE): `squash`, the
+    article's Resize((S, S)); `weights`, what the weights' own transforms() do, Resize(resize_size) of the
+    shorter side then CenterCrop(crop_size) with their interpolation, scaled to S (ImageNet's 256 for 224
+    without torchvision weights); a number N: Resize(N), then CenterCrop(S), bilinear."""
+    if mode == "squash":
+        return Resize(image_size)
+    if mode != "weights":
+        return Resize(image_size, int(mode))
+    entry = weights_entry(arch, weights)
+    if entry is None:
+        return Resize(image_size, image_size * 256 // 224)
+    transform = entry.transforms()
+    return Resize(image_size, image_size * transform.resize_size[0] // transform.crop_size[0],
+                  transform.interpolation.value)
 
 
 def _vit_patch_size(arch: str) -> int:
@@ -331,6 +349,7 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze: str 
         for layer in getattr(net, family.head).modules():
             if isinstance(layer, nn.Dropout):
                 layer.p = dropout
+    use_keyed_randomness(net)  # dropout masks drawn per image, the same on any number of processes
     mean, std = normalization(arch, weights)
     model = (VisionTransformerNet if family_name(arch) == VIT else TransferNet)(net, family.head, family.map_head,
                                                                              mean, std)

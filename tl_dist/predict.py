@@ -4,7 +4,7 @@ DIR is a run's output folder (its final model, `model/`, or else its newest chec
 folder itself, or one `checkpoints/step_N` folder. The class names come from its classes.json and the
 network, image size and normalisation from the run's config.json, so neither --model nor a dataset is
 needed. `tl_dist.load_model(DIR)` gives the same model to Python code (LoadedModel). Images go through the same
-decoding and resizing as training (data.load_image) and are batched; a file that cannot be read gets an
+decoding and resizing as the run's evaluation (data.load_image, --eval-resize) and are batched; a file that cannot be read gets an
 error (on stderr, or as a JSON line with an `error` field) and the others go on.
 
 Exit status: 0 when every input was classified, 1 when some could not be read, 2 for a bad command line
@@ -25,8 +25,8 @@ import torch
 from tl_dist.console import CommandParser, end_process
 from tl_dist.checkpoint import CheckpointError, check_checkpoint, load_weights, read_classes
 from tl_dist.run_dir import CLASSES_FILE, CONFIG_FILE, FINAL_MODEL, WEIGHTS_FILE, RunDir
-from tl_dist.data import IMAGE_EXTENSIONS, _hidden, load_image, normalize
-from tl_dist.model import VisionTransformerNet, WeightsError, build_model, check_image_size
+from tl_dist.data import IMAGE_EXTENSIONS, Resize, _hidden, load_image, normalize
+from tl_dist.model import VisionTransformerNet, WeightsError, build_model, check_image_size, eval_resize
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -91,9 +91,17 @@ class LoadedModel:
         device = next(self.network.parameters()).device
         return normalize(images.to(device), mean=self.mean, std=self.std)
 
+    def resize(self, size: int | None = None) -> Resize:
+        """How the run's evaluation resized its images (its --eval-resize), to `size` px (default: the run's)."""
+        size = size or self.image_size
+        mode = self.config.get("eval_resize", "squash")
+        if mode not in ("squash", "weights"):  # Resize(R) then CenterCrop(S): R scales with S
+            mode = str(int(mode) * size // self.image_size)
+        return eval_resize(self.arch, self.config.get("weights", "none"), size, mode)
+
     def load_images(self, paths) -> torch.Tensor:
-        """Image files -> uint8 N x 3 x S x S, decoded and resized as in training."""
-        return torch.stack([torch.from_numpy(load_image(p, self.image_size)).permute(2, 0, 1) for p in paths])
+        """Image files -> uint8 N x 3 x S x S, decoded and resized as in the run's evaluation."""
+        return torch.stack([torch.from_numpy(load_image(p, self.resize())).permute(2, 0, 1) for p in paths])
 
     @torch.inference_mode()
     def predict(self, paths) -> torch.Tensor:
@@ -159,7 +167,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def read_image(path: Path, image_size: int) -> tuple[torch.Tensor | None, str | None]:
+def read_image(path: Path, resize: Resize) -> tuple[torch.Tensor | None, str | None]:
     """(uint8 3 x S x S, None) or (None, why it cannot be read)."""
     if not path.exists():
         return None, "no such file or folder"
@@ -168,7 +176,7 @@ def read_image(path: Path, image_size: int) -> tuple[torch.Tensor | None, str | 
     if path.stat().st_size == 0:
         return None, "empty file (0 bytes)"
     try:
-        return torch.from_numpy(load_image(path, image_size)).permute(2, 0, 1), None
+        return torch.from_numpy(load_image(path, resize)).permute(2, 0, 1), None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported, the others go on
         return None, f"cannot be read as an image ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
 
@@ -180,7 +188,7 @@ def predict(model: LoadedModel, paths: list[Path], image_size: int, top_k: int, 
     with ThreadPoolExecutor(max(1, min(8, torch.get_num_threads()))) as pool:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            decoded = list(pool.map(lambda p: read_image(p, image_size), chunk))
+            decoded = list(pool.map(lambda p: read_image(p, model.resize(image_size)), chunk))
             good = [img for img, _ in decoded if img is not None]
             if good:
                 probs = torch.softmax(model.network(model.inputs(torch.stack(good))).float(), dim=1)

@@ -19,13 +19,15 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
+from tl_dist.augment import AugmentOptions, TrainingInputs
 from tl_dist.config import DEFAULT_DATA_DIR, Config
 from tl_dist.console import RunConsole
-from tl_dist.data import (CachedImages, DataError, ImageCache, ImageIndex, download_caltech101, find_image_root,
-                          index_images, keep_decodable, make_loader, stratified_sample, stratified_split,
-                          warn_untested_classes)
+from tl_dist.data import (CachedImages, DataError, ImageCache, ImageIndex, Resize, download_caltech101,
+                          find_image_root, index_images, keep_decodable, make_loader, original_sizes,
+                          stratified_sample, stratified_split, warn_untested_classes)
 from tl_dist.engine import Batches, extract_features
 from tl_dist.features import FeatureStore, StoredFeatures, weights_fingerprint
+from tl_dist.model import eval_resize as weights_eval_resize
 from tl_dist.run_dir import RunDir, read_json
 from tl_dist.runtime import stop_on_signals
 
@@ -115,11 +117,16 @@ def sharing_groups(sees: list[list[int]], node: list[int]) -> list[tuple[int, ..
     return groups
 
 
+def eval_resize(cfg: Config) -> Resize:
+    """How evaluation (and training without augmentation) resizes the images: --eval-resize."""
+    return weights_eval_resize(cfg.model, cfg.weights, cfg.image_size, cfg.eval_resize)
+
+
 def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole, index: ImageIndex,
-                      threads: int) -> tuple[Path, dict[str, str], CacheGroup]:
+                      threads: int, resize: Resize | None = None) -> tuple[Path, dict[str, str], CacheGroup]:
     """Decode every image once into the cache (this is also the verify pass), sharded over the processes
-    of each cache group. Returns the cache file, {file: why} for the files that could not be decoded, and
-    this process's cache group."""
+    of each cache group, resized as `resize` says (default: as evaluation sees the images). Returns the cache
+    file, {file: why} for the files that could not be decoded, and this process's cache group."""
     cache_dir, data_dir = Path(cfg.cache_dir).resolve(), index.root.resolve()
     if cache_dir == data_dir or data_dir in cache_dir.parents:
         raise DataError(f"--cache-dir {cfg.cache_dir} is inside --data-dir; choose a folder outside it.")
@@ -127,13 +134,12 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
     if group.size < accelerator.num_processes:
         console.print(f"--cache-dir {cfg.cache_dir} is not shared between the nodes: each node builds or reads "
                       f"its own copy of the caches")
-    cache = ImageCache(cache_dir, index, cfg.image_size)
+    cache = ImageCache(cache_dir, index, resize or eval_resize(cfg))
     # Ctrl-C or SIGTERM: the writer removes the temp file it created, then main() exits 75.
     with stop_on_signals("decoding images"), cache.building(group.writer, console.print) as tmp:
         tmps = gather_object([tmp])  # each group's writer's temp file, or None where its cache is complete
         tmp = tmps[group.ranks[0]]
         if any(t is not None for t in tmps):
-            bad = {}
             if tmp is None:  # only other nodes, each with its own --cache-dir disk, lack the decoded images
                 console.print(f"waiting for the nodes whose --cache-dir lacks {cache.array_path.name} to decode it")
             else:
@@ -141,11 +147,12 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
                 rows = range(group.rank, len(index), group.size)
                 # The main process shows its own shard's progress scaled to all images (shards differ by <= 1).
                 with console.phase("decoding", len(index)) as progress:
-                    bad = cache.fill(tmp, rows, threads,
-                                     lambda done: progress.update(done * len(index) // len(rows)))
-            merged = {row: why for part in gather_object([bad]) for row, why in part.items()}
+                    decoded = cache.fill(tmp, rows, threads,
+                                         lambda done: progress.update(done * len(index) // len(rows)))
+            parts = gather_object([decoded if tmp is not None else ({}, {})])
+            merged = [{row: v for part in parts for row, v in part[k].items()} for k in (0, 1)]  # bad, sizes
             if tmp is not None and group.writer:
-                cache.publish(tmp, merged)
+                cache.publish(tmp, *merged)
             accelerator.wait_for_everyone()
     return cache.array_path, cache.bad_files(), group
 
@@ -160,9 +167,15 @@ class PreparedData:
     train_rows: list[int]
     val_rows: list[int]  # empty without --val-fraction
     test_rows: list[int]
+    crop_cache: Path | None = None  # the images random crops are cut from (an --augment policy), else None
+    crop_sizes: np.ndarray | None = None  # per index row, the (width, height) crop boxes are drawn in
 
     def images(self, rows: list[int]) -> CachedImages:
+        """The images as evaluation sees them."""
         return CachedImages(self.array_path, rows, [self.index.labels[r] for r in rows])
+
+    def crop_sources(self, rows: list[int]) -> CachedImages:
+        return CachedImages(self.crop_cache, rows, [self.index.labels[r] for r in rows])
 
     def files(self, rows: list[int]) -> list[str]:
         return [self.index.files[r] for r in rows]
@@ -185,6 +198,8 @@ def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run
     split the files that decoded."""
     index, rows = load_index(cfg, accelerator, console, run_dir)
     array_path, bad, group = build_image_cache(cfg, accelerator, console, index, threads)
+    crops = (build_crop_cache(cfg, accelerator, console, index, threads, array_path)
+             if AugmentOptions.from_config(cfg).crops else (None, None))
     if bad:
         console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
                      f"{run_dir.skipped}): " + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
@@ -196,7 +211,20 @@ def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run
     elif any(index.files[r] in bad for part in rows for r in part):
         raise DataError(f"files of this run's split can no longer be decoded (listed above); restore them in "
                         f"--data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
-    return PreparedData(index, array_path, bad, group, *rows)
+    return PreparedData(index, array_path, bad, group, *rows, *crops)
+
+
+def build_crop_cache(cfg: Config, accelerator: Accelerator, console: RunConsole, index: ImageIndex, threads: int,
+                     eval_cache: Path) -> tuple[Path, np.ndarray]:
+    """What random crops are cut from: every image squashed to --cache-size (default: --image-size), so a
+    larger cache keeps the crops' detail; and, per image, the (width, height) the boxes are drawn in, as
+    RandomResizedCrop draws them on the image evaluation sees: its own shape when --eval-resize keeps it (the
+    cached square is stretched back to it), the square when evaluation squashes too."""
+    source = Resize(cfg.cache_size or cfg.image_size)
+    path = eval_cache if source == eval_resize(cfg) else build_image_cache(cfg, accelerator, console, index,
+                                                                          threads, source)[0]
+    sizes = original_sizes(path) if eval_resize(cfg).shorter else np.full((len(index), 2), source.size)
+    return path, sizes
 
 
 def split_rows(cfg: Config, index: ImageIndex, rows: list[int]) -> list[list[int]]:
@@ -208,6 +236,21 @@ def split_rows(cfg: Config, index: ImageIndex, rows: list[int]) -> list[list[int
         return [train, [], test]
     keep_pos, val_pos = stratified_split([index.labels[r] for r in train], cfg.val_fraction, cfg.seed + 2)
     return [[train[p] for p in keep_pos], [train[p] for p in val_pos], test]
+
+
+def training_batches(cfg: Config, accelerator: Accelerator, data: PreparedData, model, sampler) -> Batches:
+    """The training split's images, augmented on the device when the options ask for it (the images random
+    crops are cut from, and augment.TrainingInputs), else as evaluation sees them."""
+    options = AugmentOptions.from_config(cfg)
+    rows = data.train_rows
+    if not options.active:
+        return image_batches(cfg, accelerator, data.images(rows), model, sampler)
+    batches = image_batches(cfg, accelerator, data.crop_sources(rows) if options.crops else data.images(rows),
+                            model, sampler)
+    crop_sizes = torch.from_numpy(data.crop_sizes[rows]) if options.crops else None
+    batches.augment = TrainingInputs(options, cfg.image_size, crop_sizes, len(data.index.classes), batches.mean,
+                                     batches.std, cfg.channels_last)
+    return batches
 
 
 def image_batches(cfg: Config, accelerator: Accelerator, images: CachedImages, model, sampler=None) -> Batches:

@@ -26,6 +26,7 @@ from dataclasses import dataclass  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
+from tl_dist.augment import AugmentOptions  # noqa: E402
 from tl_dist.checkpoint import SAVE_STEPS, CheckpointError, TrainState, load_weights, save_checkpoint, \
     save_final_model  # noqa: E402
 from tl_dist.config import Config, RunFacts, build_parser, parse_args  # noqa: E402
@@ -35,7 +36,8 @@ from tl_dist.engine import Batches, LoopHooks, LoopSettings, Outcome, TrainLog, 
 from tl_dist.launch_check import exit_if_unsupported_setup  # noqa: E402
 from tl_dist.model import TransferNet, WeightsError, build_network  # noqa: E402
 from tl_dist.optim import build_optimizer  # noqa: E402
-from tl_dist.prepare import PreparedData, build_feature_store, feature_batches, image_batches, prepare_data  # noqa: E402
+from tl_dist.prepare import PreparedData, build_feature_store, feature_batches, image_batches, prepare_data, \
+    training_batches  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
 from tl_dist.resume import ResumePlan, choose_run_dir, claim_run_dir, plan_resume, run_dir_of, with_saved_options  # noqa: E402
 from tl_dist.run_dir import RunDir, RunDirError, is_disk_full, read_json, write_json, write_text  # noqa: E402
@@ -158,11 +160,13 @@ class FineTune:
         data = prepare_data(cfg, accelerator, self.console, self.run_dir, self.threads)
         model = self._model(plan, data)
         self._write_run_start(cfg, data)  # the data and the weights are known to be good: the run starts here
-        # The same global batches for any number of processes (data.GlobalBatchSampler).
+        # The same global batches for any number of processes (data.GlobalBatchSampler), with each image's
+        # mixing partner when images are mixed.
         sampler = GlobalBatchSampler(len(data.train_rows), cfg.batch_size, accelerator.num_processes,
-                                     accelerator.process_index, cfg.seed, gradient_accumulation(cfg))
+                                     accelerator.process_index, cfg.seed, gradient_accumulation(cfg),
+                                     partners=AugmentOptions.from_config(cfg).mixes)
         settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.checkpoint_every_epochs, cfg.checkpoint_every_steps,
-                                cfg.max_skipped_steps, cfg.log_every)
+                                cfg.max_skipped_steps, cfg.log_every, cfg.seed)
         optimizer, scheduler, lr = build_optimizer(cfg, model, accelerator.num_processes, accelerator.device,
                                                    settings.total_steps(sampler.steps_per_epoch))
         training = Training(accelerator, *accelerator.prepare(model, optimizer, scheduler))
@@ -197,7 +201,9 @@ class FineTune:
         """Cached images, or (frozen backbone) its features, computed once per image and kept on disk.
         Returns the batches and what the features cost (None without the feature cache)."""
         store, features = None, None
-        if cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features"):
+        augmenting = AugmentOptions.from_config(cfg).active  # the network sees other images than the features'
+        if cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features"
+                                          and not augmenting):
             store, seconds = build_feature_store(cfg, self.accelerator, self.console, model, data)
             images = len(data.train_rows) + len(data.val_rows) + len(data.test_rows)
             features = {"path": str(store.array_path), "reused": seconds is None, "seconds": seconds,
@@ -210,7 +216,9 @@ class FineTune:
                 return feature_batches(cfg, self.accelerator, store, data.images(rows), sampler)
             return image_batches(cfg, self.accelerator, data.images(rows), model, sampler)
 
-        split = SplitBatches(batches(data.train_rows, sampler), batches(data.val_rows), batches(data.test_rows))
+        train = (batches(data.train_rows, sampler) if store is not None
+                 else training_batches(cfg, self.accelerator, data, model, sampler))
+        split = SplitBatches(train, batches(data.val_rows), batches(data.test_rows))
         return split, features
 
     def _write_run_start(self, cfg: Config, data: PreparedData) -> None:
