@@ -70,12 +70,12 @@ def test_nan_weights_are_never_saved(tmp_path, fresh_accelerate_state):
     model = torch.nn.Linear(3, 2)
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     state = TrainState(global_step=1)
-    good = save_checkpoint(accelerator, tmp_path, state, ["a", "b"], keep=2)
+    good = save_checkpoint(accelerator, tmp_path, state, ["a", "b"], {}, keep=2)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     state.global_step = 2
     with pytest.raises(NonFiniteWeightsError, match=r"after step 2 \(weight\).*step_1"):
-        save_checkpoint(accelerator, tmp_path, state, ["a", "b"], keep=2)
+        save_checkpoint(accelerator, tmp_path, state, ["a", "b"], {}, keep=2)
     assert RunDir(tmp_path).valid_checkpoints() == [good]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
     with pytest.raises(NonFiniteWeightsError, match="not saved"):

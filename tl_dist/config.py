@@ -109,8 +109,8 @@ class Config:
                                  "metrics as its metadata", "Tracking", False)
     wandb_mode: str | None = _opt("W&B mode (default: $WANDB_MODE; offline when no W&B credentials)",
                                   "Tracking", None, choices=("online", "offline", "disabled"))
-    log_every: int = _opt("print a progress line every N steps when the output is not a terminal (W&B gets "
-                                 "every step)", "Tracking", 10, positive=True)
+    log_every: int = _opt("in a log without a terminal, a progress line at least every N seconds (and at every "
+                          "tenth of a phase or epoch); W&B gets every step", "Tracking", 30, positive=True)
     config: str | None = _opt("a JSON or YAML file of options (a run's own config.json too): it gives the "
                               "defaults, flags on the command line win", "Tracking")
     # the options given on the command line or in --config (not a flag): what --resume checks
@@ -203,7 +203,10 @@ def read_options_file(path: str | Path) -> dict:
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:  # its message names the line and column
+            raise ValueError(" ".join(str(exc).split())) from None
     else:
         values = json.loads(text)
     if not isinstance(values, dict):
@@ -245,7 +248,8 @@ class _ListModels(argparse.Action):
 
 
 def check_network(parser: argparse.ArgumentParser, cfg: Config) -> None:
-    """--model, --weights and --image-size together, before anything is read or written."""
+    """--model, --weights, --image-size and --batch-size together, before anything is read or written."""
+    from tl_dist.capacity import memory_problem
     from tl_dist.model import check_image_size, check_model, check_weights
 
     if problem := check_model(cfg.model):
@@ -254,6 +258,17 @@ def check_network(parser: argparse.ArgumentParser, cfg: Config) -> None:
         parser.error(f"argument --weights: {problem}")
     if problem := check_image_size(cfg.model, cfg.image_size):
         parser.error(f"argument --image-size: {problem}")
+    if problem := memory_problem(cfg.model, cfg.image_size, cfg.batch_size, _training_device()):
+        parser.error(f"argument --image-size: {problem}")
+
+
+def _training_device():
+    """The device this process will train on, as Accelerate will choose it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -324,3 +339,11 @@ def _check_paths_and_workers(parser: argparse.ArgumentParser, cfg: Config) -> No
         if name != "data_dir" and not os.access(existing, os.W_OK | os.X_OK):
             parser.error(f"argument {_flag(name)}: {path} cannot be written ({existing} is read-only or not "
                          f"yours); pass a folder you can write to")
+    # What the run writes must not land among the images: a cache file in the data folder makes its class
+    # folders unreadable as such, and a run folder inside it becomes a class of the next run.
+    data_dir = Path(os.path.expanduser(cfg.data_dir)).resolve()
+    for name in ("cache_dir", "output_dir"):
+        value = getattr(cfg, name)
+        if value is not None and data_dir in (path := Path(os.path.expanduser(value)).resolve(), *path.parents):
+            parser.error(f"argument {_flag(name)}: {value} is inside --data-dir {cfg.data_dir} (the images); "
+                         "pass a folder outside it")
