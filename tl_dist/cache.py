@@ -91,11 +91,10 @@ def _entry(path: Path) -> Entry | None:
         return None  # an entry's build lock (empty): removed with its entry
     if path.name.startswith("."):
         size, used = _stat([path])
-        if writer_of(path.name) is None:
+        if (writer := writer_of(path.name)) is None:
             return Entry(path.name, "temp", [path], size, used, "a writer's temporary file")
-        host, pid = writer_of(path.name)
         state = writer_state(path)
-        return Entry(path.name, "temp", [path], size, used, f"writer pid {pid} on {host}"
+        return Entry(path.name, "temp", [path], size, used, f"writer pid {writer[1]} on {writer[0]}"
                      + {"gone": ": gone", "running": ": running", "unknown": ""}[state], unusable=state == "gone")
     if path.suffix != ".npy":
         return None  # a sidecar (read with its array) or a file that is not ours

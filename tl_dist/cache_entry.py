@@ -169,9 +169,9 @@ class CacheEntry:
             raise
         return tmp
 
-    def finish(self, meta: dict) -> None:
-        """Put this writer's array in place, then its sidecar (with the array's checksum): complete."""
-        tmp = self.tmp_path()
+    def finish(self, tmp: Path, meta: dict) -> None:
+        """Put this writer's array (`tmp`, from create_array) in place, then its sidecar, with the array's
+        checksum: the entry is complete."""
         meta = {**meta, "sampled_sha256": sampled_sha256(tmp)}
         os.replace(tmp, self.array_path)
         tmp_meta = self.tmp_path(".json")

@@ -248,8 +248,7 @@ class _ListModels(argparse.Action):
 
 
 def check_network(parser: argparse.ArgumentParser, cfg: Config) -> None:
-    """--model, --weights, --image-size and --batch-size together, before anything is read or written."""
-    from tl_dist.capacity import memory_problem
+    """--model, --weights and --image-size together, before anything is read or written."""
     from tl_dist.model import check_image_size, check_model, check_weights
 
     if problem := check_model(cfg.model):
@@ -258,17 +257,20 @@ def check_network(parser: argparse.ArgumentParser, cfg: Config) -> None:
         parser.error(f"argument --weights: {problem}")
     if problem := check_image_size(cfg.model, cfg.image_size):
         parser.error(f"argument --image-size: {problem}")
-    if problem := memory_problem(cfg.model, cfg.image_size, cfg.batch_size, _training_device()):
-        parser.error(f"argument --image-size: {problem}")
 
 
-def _training_device():
-    """The device this process will train on, as Accelerate will choose it."""
+def check_memory(cfg: Config) -> None:
+    """One batch of the run (its options resolved: a resume's come from its checkpoint) must fit in the memory
+    of the device it trains on; an argparse error (exit 2) says what would."""
     import torch
 
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    from tl_dist.capacity import memory_problem
+
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # as Accelerate chooses it
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if problem := memory_problem(cfg.model, cfg.image_size, cfg.batch_size, device):
+        build_parser().error(f"argument --image-size: {problem}")
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -289,8 +289,8 @@ class ImageCache(CacheEntry):
 
     def publish(self, tmp: Path, bad: dict[int, str]) -> None:
         """Put this writer's temp file (`tmp`, from `start`) in place, with the files that could not be decoded."""
-        self.finish({"files": len(self.index), "image_size": self.image_size,
-                     "bad": {self.index.files[r]: why for r, why in sorted(bad.items())}})
+        self.finish(tmp, {"files": len(self.index), "image_size": self.image_size,
+                          "bad": {self.index.files[r]: why for r, why in sorted(bad.items())}})
 
     def bad_files(self) -> dict[str, str]:
         self.touch()  # each run that uses the cache marks its last use (tl_dist.cache)

@@ -72,9 +72,10 @@ class FeatureStore(CacheEntry):
 
     def publish(self, array: np.ndarray, dtype: torch.dtype, seconds: float) -> None:
         array.flush()
-        self.finish({"kind": "features", "key": self.fields, "rows": int(array.shape[0]),
-                     "dim": int(array.shape[1]), "dtype": DTYPES[dtype][0], "seconds": seconds,
-                     "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname()})
+        self.finish(Path(array.filename), {
+            "kind": "features", "key": self.fields, "rows": int(array.shape[0]), "dim": int(array.shape[1]),
+            "dtype": DTYPES[dtype][0], "seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "host": socket.gethostname()})
 
 
 class StoredFeatures(torch.utils.data.Dataset):

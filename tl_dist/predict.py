@@ -220,7 +220,6 @@ def choose_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
     return device
 
 
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -137,15 +137,14 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
         tmps = together(lambda: cache.start(group.writer, console.print, console.warn), cache_dir)
         if any(t is not None for t in tmps):
             try:
-                _decode(accelerator, console, cache, group, tmps[group.ranks[0]], threads)
+                _decode(console, cache, group, tmps[group.ranks[0]], threads)
             except BaseException:
                 cache.discard()
                 raise
     return cache.array_path, cache.bad_files(), group
 
 
-def _decode(accelerator: Accelerator, console: RunConsole, cache: ImageCache, group: CacheGroup, tmp: Path | None,
-            threads: int) -> None:
+def _decode(console: RunConsole, cache: ImageCache, group: CacheGroup, tmp: Path | None, threads: int) -> None:
     """Every process of a group that lacks the cache decodes its share into the group writer's temp file
     `tmp`; the writer puts it in place."""
     index, bad = cache.index, {}

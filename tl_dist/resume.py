@@ -69,6 +69,7 @@ def claim_run_dir(run_dir: RunDir, accelerator, cfg: Config) -> str | None:
 
 
 def _same_start(run_dir: RunDir, cfg: Config) -> bool:
+    """The folder holds only the start of a run (RunDir.holds_only_a_start) whose options are these."""
     if not run_dir.holds_only_a_start() or not run_dir.config.is_file():
         return False
     try:
@@ -138,7 +139,7 @@ def check_classes(checkpoint: Path, classes: list[str], data_dir: str) -> None:
     if only_saved or only_found:
         lines.append(f"only in the checkpoint: {', '.join(only_saved[:5]) or '-'}; only in --data-dir: "
                      f"{', '.join(only_found[:5]) or '-'}")
-    elif len(saved) == len(classes):
+    else:
         lines.append("the same class names in another order")
     raise CheckpointError(f"--resume {checkpoint}: it was trained on other classes than --data-dir {data_dir} "
                           "holds; pass the --data-dir it was trained on:\n  " + "\n  ".join(lines))

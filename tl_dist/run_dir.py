@@ -387,7 +387,7 @@ class RunDir:
         try:
             owner = read_json(self.path / LOCK_FILE)
             return f"host {owner['host']}, pid {owner['pid']}, since {owner['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, DamagedFileError, KeyError, TypeError):  # empty until the owner writes it
             return "a process that has not yet said who it is"
 
     def abandon(self) -> None:

@@ -126,8 +126,9 @@ def together(work: Callable[[], object], folder: Path) -> list:
     except Exception as exc:  # noqa: BLE001 - every process must hear of it before anyone raises
         error = exc
     shared = error
-    if error is not None:
-        shared = DiskFullError(folder) if is_disk_full(error, folder) else _picklable(error)
+    if error is not None:  # an error of this package already says what is wrong; another may be a full disk
+        ours = type(error).__module__.startswith("tl_dist.")
+        shared = DiskFullError(folder) if not ours and is_disk_full(error, folder) else _picklable(error)
     outcomes = gather_object([(result, shared)])
     failures = [e for _, e in outcomes if e is not None]
     if not failures:

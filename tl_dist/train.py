@@ -28,7 +28,7 @@ from accelerate import Accelerator  # noqa: E402
 
 from tl_dist.checkpoint import SAVE_STEPS, CheckpointError, TrainState, load_state, load_weights, save_checkpoint, \
     save_final_model  # noqa: E402
-from tl_dist.config import Config, RunFacts, build_parser, parse_args  # noqa: E402
+from tl_dist.config import Config, RunFacts, build_parser, check_memory, parse_args  # noqa: E402
 from tl_dist.console import RunConsole, end_process  # noqa: E402
 from tl_dist.data import DataError, GlobalBatchSampler  # noqa: E402
 from tl_dist.engine import Batches, LoopHooks, LoopSettings, Outcome, TrainLog, Training, evaluate, fit  # noqa: E402
@@ -250,9 +250,9 @@ class FineTune:
                 write_text(self.run_dir.skipped, "".join(f"{f}\t{why}\n" for f, why in bad.items()))
         self.accelerator.wait_for_everyone()
         if bad:
+            first = ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
             self.console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
-                              f"{self.run_dir.skipped}): " + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
-                              + (" ..." if len(bad) > 10 else ""))
+                              f"{self.run_dir.skipped}): {first}" + (" ..." if len(bad) > 10 else ""))
 
     # ---- evaluate, train, save
     def evaluate(self, s: Setup, prefix: str, step: int) -> tuple[dict, dict]:
@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         RunConsole(True).error(str(exc))
         return 1
+    check_memory(cfg)
     wandb_mode, wandb_note = resolve_mode(cfg.wandb_mode)
     tracking = wandb_mode != "disabled" and not cfg.eval_only
     if tracking and importlib.util.find_spec("wandb") is None:
@@ -362,16 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         (console or RunConsole(True)).print(f"stopped by {exc}; no partial file is left. {again}")
         return EXIT_STOPPED
     except Exception as exc:
-        folder = full_disk(exc, cfg, recipe)
-        if folder is None:
+        if (message := disk_full_message(exc, cfg, recipe)) is None:
             raise
-        if recipe is not None and folder == recipe.run_dir.path:
-            then = (f"The last complete checkpoint is {recipe.run_dir.latest() or 'none'}. Free some space, then run "
-                    "again with --resume auto.")
-        else:
-            then = "Free some space (python -m tl_dist.cache prune trims --cache-dir), then run the same command again."
-        (console or RunConsole(True)).error(f"the disk is full: a write in {folder} failed for lack of space; "
-                                            f"nothing partial was kept. {then}")
+        (console or RunConsole(True)).error(message)
         return 1
     finally:
         if recipe is not None:
@@ -380,12 +374,21 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.destroy_process_group()  # else gloo can abort the process at exit
 
 
-def full_disk(exc: Exception, cfg: Config, recipe: FineTune | None) -> Path | None:
-    """The folder whose disk is full, when that is what `exc` is: the run folder or --cache-dir."""
-    if isinstance(exc, DiskFullError):
-        return Path(exc.filename)
-    folders = ([recipe.run_dir.path] if recipe is not None else []) + [Path(cfg.cache_dir)]
-    return next((folder for folder in folders if is_disk_full(exc, folder)), None)
+def disk_full_message(exc: Exception, cfg: Config, recipe: FineTune | None) -> str | None:
+    """The one line for a write that failed for lack of space, in the run folder or in --cache-dir (None when
+    `exc` is something else): the same line for both, with what to do next."""
+    run_dir = recipe.run_dir if recipe is not None else None
+    folders = ([run_dir.path] if run_dir is not None else []) + [Path(cfg.cache_dir)]
+    folder = (Path(exc.filename) if isinstance(exc, DiskFullError) else
+              next((f for f in folders if is_disk_full(exc, f)), None))
+    if folder is None:
+        return None
+    if run_dir is not None and folder == run_dir.path:
+        then = f"The last complete checkpoint is {run_dir.latest() or 'none'}. Free some space, then run again with " \
+               "--resume auto."
+    else:
+        then = "Free some space (python -m tl_dist.cache prune trims --cache-dir), then run the same command again."
+    return f"the disk is full: a write in {folder} failed for lack of space; nothing partial was kept. {then}"
 
 
 def cli() -> None:
