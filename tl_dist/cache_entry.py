@@ -10,9 +10,9 @@ An entry named STEM is
 
 An entry is complete when its sidecar exists, and undamaged when the array's size is what its header's shape
 needs and its sampled checksum is what the writer recorded: SHA-256 of SAMPLE_BLOCKS blocks of SAMPLE_BYTES
-spread over the file (the whole file when it is smaller), read in milliseconds whatever its size. So a
-truncated array is always noticed, other damage where it touches a sampled block. A damaged entry is
-removed, with one warning, and built again.
+spread over the file (the whole file when it is smaller), so a check reads at most 16 MiB whatever the
+entry's size. A truncated array is always noticed, other damage where it touches a sampled block. A damaged
+entry is removed, with one warning, and built again.
 
 A temporary file is stale when its writer is gone: a pid that no longer runs on this host, or, whatever the
 host (a cache folder shared between nodes), untouched for STALE_TMP_SECONDS; a live writer modifies its
@@ -172,15 +172,14 @@ class CacheEntry:
     def finish(self, tmp: Path, meta: dict) -> None:
         """Put this writer's array (`tmp`, from create_array) in place, then its sidecar, with the array's
         checksum: the entry is complete."""
-        meta = {**meta, "sampled_sha256": sampled_sha256(tmp)}
-        os.replace(tmp, self.array_path)
         tmp_meta = self.tmp_path(".json")
         try:
-            tmp_meta.write_text(json.dumps(meta, indent=1))
-            os.replace(tmp_meta, self.meta_path)
-        except BaseException:
+            tmp_meta.write_text(json.dumps({**meta, "sampled_sha256": sampled_sha256(tmp)}, indent=1))
+        except BaseException:  # a full disk: nothing was put in place
             tmp_meta.unlink(missing_ok=True)
             raise
+        os.replace(tmp, self.array_path)  # renames take no space
+        os.replace(tmp_meta, self.meta_path)
 
     def discard(self) -> None:
         """Remove this writer's temporary files (a build that failed or was interrupted)."""
