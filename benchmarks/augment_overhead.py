@@ -96,7 +96,7 @@ def train_batches(cfg, accelerator, data: PreparedData, model):
 def seconds_per_step(training: Training, batches, steps: int, console, work: Path) -> float:
     """`steps` optimizer steps through engine.fit from the start of an epoch: the training time per step
     (TrainLog's clock: data, augmentation, forward, backward, update)."""
-    settings = LoopSettings(epochs=1, max_steps=steps, checkpoint_every_epochs=0, log_every=100000)
+    settings = LoopSettings(epochs=1, max_steps=steps, checkpoint_every_epochs=0)
     state = TrainState()
     outcome = fit(training, batches, state, settings, TrainLog(NoTracker(), console, settings),
                   LoopHooks(StopRequest(work / "STOP"), lambda: None))

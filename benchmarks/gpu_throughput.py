@@ -198,7 +198,7 @@ def finetune_throughput(bench: Bench, rows: list[int]) -> dict:
         state = TrainState()
         speeds = []
         for epoch in range(2):  # epoch 1 warms up; epoch 2 is timed
-            settings = LoopSettings(epochs=epoch + 1, log_every=1000)
+            settings = LoopSettings(epochs=epoch + 1)
             state.train_images, state.train_seconds = 0, 0.0
             outcome = fit(Training(accelerator, model, optimizer, scheduler), batches, state, settings,
                           TrainLog(NoTracker(), bench.console, settings),

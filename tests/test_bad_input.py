@@ -239,6 +239,46 @@ def _output_dir_is_a_file(tmp: Path) -> list[str]:
     return []
 
 
+def _one_image_per_class(tmp: Path) -> list[str]:
+    return ["--max-samples", "1"]  # about one image: at least one per class, so none for the test split
+
+
+def _validation_without_images(tmp: Path) -> list[str]:
+    return ["--max-samples", "8", "--val-fraction", "0.5"]  # 2 an class: one for training, one for testing
+
+
+def _every_image_unreadable(tmp: Path) -> list[str]:
+    for name in ("a", "b"):
+        (tmp / "junk" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp / "junk" / name / f"{i}.jpg").write_text("<html>404 Not Found</html>\n")
+    return ["--data-dir", str(tmp / "junk")]
+
+
+def _malformed_yaml(tmp: Path) -> list[str]:
+    (tmp / "options.yaml").write_text("lr: [0.1\nepochs: 2\n")
+    return ["--config", str(tmp / "options.yaml")]
+
+
+def _missing_weights_file(tmp: Path) -> list[str]:
+    return ["--weights", str(tmp / "vgg_tiny.pth")]
+
+
+def _image_size_that_cannot_fit(tmp: Path) -> list[str]:
+    return ["--image-size", "100000"]
+
+
+def _cache_dir_is_the_data_dir(tmp: Path) -> list[str]:
+    """The folder the user gives wraps the class folders (as Kaggle's download does)."""
+    make_image_tree(tmp / "download" / "caltech-101", classes=2, per_class=2)
+    return ["--data-dir", str(tmp / "download"), "--cache-dir", str(tmp / "download")]
+
+
+def _output_dir_inside_the_data_dir(tmp: Path) -> list[str]:
+    make_image_tree(tmp / "images", classes=2, per_class=2)
+    return ["--data-dir", str(tmp / "images"), "--output-dir", str(tmp / "images" / "run")]
+
+
 ERROR_CASES = {
     # case: (the arguments that make it, built on the fly; what the error says; --output-dir exists already;
     #        exit code: 2 for options refused by the parser, 1 for data found unusable)
@@ -253,14 +293,28 @@ ERROR_CASES = {
                                   False, 2),
     "data dir is a file": (_data_dir_is_a_file, "caltech-101.zip is a file, not a folder", False, 2),
     "output dir is a file": (_output_dir_is_a_file, "run is a file, not a folder", False, 2),
+    "one image per class": (_one_image_per_class, "no test image can be held out: every class has a single image "
+                            "(--max-samples 1 keeps about that many images)", True, 1),
+    "validation without images": (_validation_without_images, "--val-fraction 0.5: no validation image can be "
+                                  "held out", False, 1),
+    "every image unreadable": (_every_image_unreadable, "none of the 6 images in", False, 1),
+    "malformed yaml": (_malformed_yaml, "argument --config: cannot read", False, 2),
+    "missing weights file": (_missing_weights_file, "vgg_tiny.pth: no such file; pass the PATH of a state_dict",
+                             False, 2),
+    "image size that cannot fit": (_image_size_that_cannot_fit, "argument --image-size: one batch of 4 images at "
+                                   "100000 px through vgg_tiny needs at least", False, 2),
+    "cache dir is the data dir": (_cache_dir_is_the_data_dir, "download is inside --data-dir", False, 2),
+    "output dir inside the data dir": (_output_dir_inside_the_data_dir, "run is inside --data-dir", False, 2),
 }
-# The weights are loaded after the decode (the new head needs the number of classes that decoded).
-CACHE_WRITTEN_BEFORE_ERROR = {"weights not vgg16"}
+# The weights are loaded after the decode (the new head needs the number of classes that decoded), and the
+# split is drawn from the files that decoded.
+CACHE_WRITTEN_BEFORE_ERROR = {"weights not vgg16", "one image per class", "validation without images",
+                              "every image unreadable"}
 
 
 @pytest.fixture(scope="module")
 def error_runs(image_tree, tmp_path_factory):
-    """The four cases at once, each a real process (they spend most of their time importing torch)."""
+    """The cases at once, each a real process (they spend most of their time importing torch)."""
     procs = {}
     for case, (build, message, pre_exists, code) in ERROR_CASES.items():
         tmp = tmp_path_factory.mktemp(case.replace(" ", "-"))
@@ -283,12 +337,14 @@ def error_runs(image_tree, tmp_path_factory):
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_unusable_input_gives_one_error_line_and_writes_nothing(error_runs, case):
     """One line with `error:` (argparse's own start with the program's name, after its usage line), the
-    exit code, and nothing written: neither the output folder nor the decoded-image cache."""
+    exit code, and nothing written: neither the output folder nor the decoded-image cache (where the
+    error needs the decoded images, only the cache)."""
     run = error_runs[case]
     assert run["code"] == run["expected_code"], run["stderr"][-3000:]
     assert "Traceback" not in run["stderr"] + run["stdout"]
     errors = [line for line in run["stderr"].splitlines() if "error:" in line]
     assert len(errors) == 1 and run["message"] in " ".join(run["stderr"].split()), run["stderr"]
+    assert "skipped_files.txt" not in run["stderr"]  # no message names a file that was not written
     out = run["tmp"] / "run"
     if run["pre_exists"]:
         assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
@@ -297,8 +353,10 @@ def test_unusable_input_gives_one_error_line_and_writes_nothing(error_runs, case
         assert out.read_text() == "keep me\n"
     else:
         assert not out.exists()
+    # no run folder and no cache elsewhere either (among the images, say)
+    assert not [p for p in run["tmp"].rglob("*") if p.name in ("split.json", "config.json", ".lock")]
     if case not in CACHE_WRITTEN_BEFORE_ERROR:
-        assert not (run["tmp"] / "cache").exists()
+        assert not (run["tmp"] / "cache").exists() and not list(run["tmp"].rglob("*.npy"))
 
 
 def test_a_read_only_cache_or_output_folder_is_refused_before_anything_runs(image_tree, tmp_path):

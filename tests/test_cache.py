@@ -20,6 +20,7 @@ import pytest
 
 from conftest import run_module, tiny_args, train_in_process
 from tl_dist import cache as tl_cache
+from tl_dist.cache_entry import sampled_sha256
 
 DAY = 86400
 
@@ -60,7 +61,8 @@ def cache_folder(image_tree, tmp_path, capsys):
     features = cache / "features-0123456789abcdef.npy"
     np.save(features, np.zeros((500, 256), dtype=np.float16))
     features.with_suffix(".json").write_text(json.dumps(
-        {"kind": "features", "key": {"model": "vgg_tiny", "image_size": 32, "precision": "bf16"}, "rows": 500}))
+        {"kind": "features", "key": {"model": "vgg_tiny", "image_size": 32, "precision": "bf16"}, "rows": 500,
+         "sampled_sha256": sampled_sha256(features)}))
     old_images = cache / "images-ffffffffffffffffffff-64px.npy"
     shutil.copy(img32, old_images)
     shutil.copy(img32.with_suffix(".json"), old_images.with_suffix(".json"))

@@ -41,7 +41,7 @@ def test_bad_values_exit_2_naming_the_flag(argv, flag, capsys):
 
 
 def test_fp16_on_cpu_is_refused_with_a_clear_error(tmp_path):
-    proc = run_module(["--mixed-precision", "fp16", "--data-dir", str(tmp_path), "--output-dir",
+    proc = run_module(["--mixed-precision", "fp16", "--data-dir", str(tmp_path / "data"), "--output-dir",
                        str(tmp_path / "run")])
     assert proc.returncode == 2
     assert "--mixed-precision: fp16 needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr

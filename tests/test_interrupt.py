@@ -19,6 +19,7 @@ import pytest
 from conftest import REPO, make_image_tree, run_env, tiny_args
 from PIL import Image
 
+from tl_dist.cache_entry import STALE_TMP_SECONDS, remove_stale_temps
 from tl_dist.data import ImageCache, index_images
 from tl_dist.runtime import EXIT_STOPPED
 
@@ -97,7 +98,8 @@ def test_a_signal_during_the_feature_pass_exits_75_and_keeps_the_complete_cache(
     wait_for(lambda: "features 0/" in log.read_text(), proc, log)
     proc.send_signal(signal.SIGTERM)
     output = assert_stopped(proc, log, "SIGTERM", "computing backbone features")
-    assert "with --resume auto again" in output  # its run folder holds the split: resume it
+    assert "To continue, run the same command again." in output  # nothing of the run was written yet
+    assert not (tmp_path / "run").exists()
     assert not temp_files(tmp_path / "cache")
     # the finished image cache, and the features' build lock; no features file, complete or not
     assert sorted(p.name.split("-")[0] + p.suffix for p in (tmp_path / "cache").iterdir()) == \
@@ -132,7 +134,8 @@ def test_the_temp_file_of_a_killed_run_is_removed_by_the_next_build(slow_tree, t
 
 
 def test_stale_temp_files_rules(image_tree, tmp_path):
-    """Which leftovers a build removes: a dead writer's on this host, or anyone's untouched for a day."""
+    """Which leftovers a build removes (cache_entry.remove_stale_temps, the one rule of both caches and of
+    `tl_dist.cache prune`): a dead writer's on this host, or anyone's untouched for a day."""
     cache = ImageCache(tmp_path, index_images(image_tree), 8)
     dead = subprocess.Popen(["true"])
     dead.wait()  # its pid names a process that no longer runs
@@ -143,16 +146,15 @@ def test_stale_temp_files_rules(image_tree, tmp_path):
              "other host, recent": f"{stem}.tmp-node-7-{dead.pid}.npy",
              "other host, a day old": f"{stem}.tmp-node-8-{dead.pid}.npy",
              "another cache, dead writer": f".images-0123abcd-224px.tmp-{host}-{dead.pid}.npy",
-             "older naming, dead writer": f"{stem}.{dead.pid}-1764300000000000000.npy",
-             "older naming, live writer": f"{stem}.{os.getpid()}-1764300000000000000.npy",
+             "features, dead writer": f".features-0123abcd.tmp-{host}-{dead.pid}.npy",
              "not ours": f".notes.tmp-{host}-{dead.pid}.npy"}
     for name in names.values():
         (tmp_path / name).write_bytes(b"x")
-    day_ago = time.time() - ImageCache.STALE_TMP_SECONDS - 60
+    day_ago = time.time() - STALE_TMP_SECONDS - 60
     os.utime(tmp_path / names["other host, a day old"], (day_ago, day_ago))
-    removed = {p.name for p in cache.remove_stale_tmp()}
+    removed = {p.name for p in remove_stale_temps(tmp_path)}
     assert removed == {names[k] for k in ("dead writer", "dead writer's metadata", "other host, a day old",
-                                          "another cache, dead writer", "older naming, dead writer")}
+                                          "another cache, dead writer", "features, dead writer")}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(set(names.values()) - removed)
 
 

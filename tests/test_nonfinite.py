@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from conftest import REPO, launch, run_env, tiny_args
+from conftest import REPO, launch, run_env, tiny_args, train_in_process
 from safetensors.torch import load_file
 
 from tl_dist.checkpoint import (NonFiniteWeightsError, TrainState, save_checkpoint,
@@ -38,6 +38,7 @@ def check_diverged_run(proc: subprocess.CompletedProcess, out) -> int:
     # The last good checkpoint is the step before (one is saved every step); nothing after it is saved.
     kept = RunDir(out).valid_checkpoints()
     assert step >= 2 and kept and kept[-1].name == f"step_{step - 1}", (step, kept)
+    assert f"the last good checkpoint is {kept[-1]}" in " ".join(proc.stdout.split())
     for folder in kept:
         weights = load_file(str(folder / "model.safetensors"))
         assert all(torch.isfinite(w).all() for w in weights.values()), folder
@@ -63,6 +64,18 @@ def test_bf16_two_processes_all_stop(image_tree, cache_dir, tmp_path):
     check_diverged_run(proc, out)
 
 
+def test_a_run_that_diverges_before_its_first_checkpoint_says_it_has_none(image_tree, cache_dir, tmp_path,
+                                                                          capsys):
+    """Checkpoints at the end of each epoch, a divergence within the first: nothing to resume from, and the
+    run says so rather than pointing at a checkpoint that does not exist."""
+    out = tmp_path / "run"
+    code = train_in_process(tiny_args(image_tree, out, cache_dir, "--lr", "1e10", "--wandb-mode", "disabled"))
+    captured = capsys.readouterr()
+    assert code == 1 and "error: non-finite loss" in " ".join(captured.err.split()), captured.err[-3000:]
+    assert "no checkpoint was saved before it: the run has nothing to resume from" in " ".join(captured.out.split())
+    assert RunDir(out).checkpoint_folders() == []
+
+
 def test_nan_weights_are_never_saved(tmp_path, fresh_accelerate_state):
     """Weights can overflow in the very update after a finite loss: checkpoint and final model refuse them,
     and the last good checkpoint stays."""
@@ -70,12 +83,12 @@ def test_nan_weights_are_never_saved(tmp_path, fresh_accelerate_state):
     model = torch.nn.Linear(3, 2)
     model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     state = TrainState(global_step=1)
-    good = save_checkpoint(accelerator, tmp_path, state, ["a", "b"], keep=2)
+    good = save_checkpoint(accelerator, tmp_path, state, ["a", "b"], {}, keep=2)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
     state.global_step = 2
     with pytest.raises(NonFiniteWeightsError, match=r"after step 2 \(weight\).*step_1"):
-        save_checkpoint(accelerator, tmp_path, state, ["a", "b"], keep=2)
+        save_checkpoint(accelerator, tmp_path, state, ["a", "b"], {}, keep=2)
     assert RunDir(tmp_path).valid_checkpoints() == [good]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
     with pytest.raises(NonFiniteWeightsError, match="not saved"):

@@ -79,11 +79,12 @@ class InProcessRun:
 
 @contextlib.contextmanager
 def recording_convs():
-    """Every Conv2d forward call in this process, with the memory format of its weight and input."""
+    """Every Conv2d forward call of the run in this process, with the memory format of its weight and input
+    (not the memory estimate's, on the meta device: tl_dist/capacity.py)."""
     calls: list[ConvCall] = []
 
     def record(module, inputs, output):
-        if isinstance(module, torch.nn.Conv2d):
+        if isinstance(module, torch.nn.Conv2d) and inputs[0].device.type != "meta":
             nhwc = torch.channels_last
             calls.append(ConvCall(module.training, module.weight.is_contiguous(memory_format=nhwc),
                                   inputs[0].is_contiguous(memory_format=nhwc)))

@@ -108,7 +108,7 @@ def test_a_phase_inside_an_epoch_bar_shares_it():
     with console.phase("saving", 2, unit="files") as progress:
         progress.advance(2)
     assert console.progress is not None and len(console.progress.tasks) == 1
-    console.advance(task, 3, 3)
+    console.advance(task, 3)
     console.stop_progress()
 
 

@@ -2,14 +2,15 @@
 `python -m tl_dist.cache prune --max-gb G` / `--older-than DAYS` (both may be given; `--dry-run` shows what
 would go).
 
-An entry is an array `<kind>-<key>....npy` with its `.json` sidecar, written last (an array without one is
-incomplete): the decoded images (`images-<key>-<S>px`, data.ImageCache) and the frozen backbone's features
-(`features-<key>`, sidecar {"kind": "features", "key": {...}, "rows": N}). An entry's last use is the newest
-modification time of its files; a run that reuses an entry touches its sidecar. `prune` removes the least
-recently used complete entries first, the sidecar before the array (so no run picks up a half-removed
-entry). A temporary file (a name starting with '.') is a writer's: prune removes it only when that writer
-is gone (named `.<entry>.tmp-<host>-<pid>.npy`, data.ImageCache: a pid that no longer runs on this host, or
-untouched for a day whatever the host), and then whatever the criteria, since nothing can use it.
+Its entries are cache_entry.CacheEntry's: an array `<kind>-<key>....npy` with its `.json` sidecar, written
+last (an array without one is incomplete): the decoded images (`images-<key>-<S>px`, data.ImageCache) and the
+frozen backbone's features (`features-<key>`, sidecar {"kind": "features", "key": {...}, "rows": N}). An
+entry's last use is the newest modification time of its files; a run that reuses an entry touches its
+sidecar. `prune` removes the least recently used complete entries first, the sidecar before the array (so no
+run picks up a half-removed entry). What nothing can use goes whatever the criteria: a damaged entry (its
+size or checksum is not what was written), and a writer's temporary file (a name starting with '.') whose
+writer is gone (CacheEntry's rule: a pid that no longer runs on this host, or untouched for a day whatever
+the host).
 """
 
 from __future__ import annotations
@@ -17,29 +18,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
-import re
-import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tl_dist.cache_entry import KINDS, CacheEntry, writer_of, writer_state
 from tl_dist.config import Config
 from tl_dist.console import CommandParser
 
-KINDS = ("images", "features")
-SIDECAR_SUFFIX = ".json"
-ARRAY_SUFFIX = ".npy"
 GB = 1000 ** 3
 DAY = 86400.0
 ORPHAN_AGE = 3600.0  # an array without its sidecar this long after its last write: its writer crashed
-STALE_TMP_AGE = DAY  # as data.ImageCache.STALE_TMP_SECONDS: a live writer modifies its temp file all along
-# A writer's temp file, as data.ImageCache names it: `.<entry>.tmp-<host>-<pid>.npy` (or its .json), and the
-# older `.<entry>.<pid>-<time_ns>.npy`, written on this host.
-TMP_NAME = re.compile(r"^\..+\.tmp-(?P<host>.+)-(?P<pid>\d+)\.(npy|json)$")
-OLD_TMP_NAME = re.compile(r"^\..+px\.(?P<pid>\d+)-\d+\.npy$")
 
 
 def default_cache_dir() -> str:
@@ -50,13 +41,13 @@ def default_cache_dir() -> str:
 @dataclass
 class Entry:
     name: str  # the array's name without .npy
-    kind: str  # images | features | incomplete | temp
+    kind: str  # images | features | incomplete | damaged | temp
     files: list[Path]
     size: int  # bytes, all its files
     last_use: float  # newest mtime of its files (epoch seconds)
     key: str  # the key fields that tell entries apart, for people
 
-    writer_gone: bool = False  # a temp file whose writer is known to be gone
+    unusable: bool = False  # damaged, or a temp file whose writer is known to be gone: nothing can use it
 
     @property
     def removable(self) -> bool:
@@ -96,47 +87,29 @@ def scan(cache_dir: Path) -> list[Entry]:
 
 
 def _entry(path: Path) -> Entry | None:
-    if path.name.startswith(".features-") and path.suffix == ".lock":
-        return None  # the features' build lock (empty): removed with its entry
+    if path.name.startswith(".") and path.suffix == ".lock":
+        return None  # an entry's build lock (empty): removed with its entry
     if path.name.startswith("."):
         size, used = _stat([path])
-        writer, gone = _writer(path.name, used)
-        return Entry(path.name, "temp", [path], size, used, writer, writer_gone=gone)
-    if path.suffix != ARRAY_SUFFIX:
+        if (writer := writer_of(path.name)) is None:
+            return Entry(path.name, "temp", [path], size, used, "a writer's temporary file")
+        state = writer_state(path)
+        return Entry(path.name, "temp", [path], size, used, f"writer pid {writer[1]} on {writer[0]}"
+                     + {"gone": ": gone", "running": ": running", "unknown": ""}[state], unusable=state == "gone")
+    if path.suffix != ".npy":
         return None  # a sidecar (read with its array) or a file that is not ours
-    sidecar = path.with_suffix(SIDECAR_SUFFIX)
-    if not sidecar.is_file():
+    entry = CacheEntry(path.parent, path.stem)
+    if not entry.meta_path.is_file():
         size, used = _stat([path])
         return Entry(path.stem, "incomplete", [path], size, used, "no sidecar: its writer did not finish")
-    try:
-        meta = json.loads(sidecar.read_text())
-    except ValueError:
-        meta = {}
+    files = entry.files()
+    size, used = _stat(files)
+    if why := entry.damage():
+        return Entry(path.stem, "damaged", files, size, used, why, unusable=True)
+    meta = entry.meta()
     kind = meta.get("kind") or path.stem.split("-")[0]
-    size, used = _stat([sidecar, path])
-    lock = path.with_name(f".{path.stem}.lock")  # features only; prune removes it with the entry
-    files = [sidecar, path] + ([lock] if lock.exists() else [])
     return Entry(path.stem, kind if kind in KINDS else "other", files, size, used,
                  _key_fields(path.stem, meta if isinstance(meta, dict) else {}))
-
-
-def _writer(name: str, mtime: float) -> tuple[str, bool]:
-    """Who writes a temp file, for people, and whether that writer is gone."""
-    match = TMP_NAME.match(name) or OLD_TMP_NAME.match(name)
-    if match is None:
-        return "a writer's temporary file", False
-    host, pid = match.groupdict().get("host") or socket.gethostname(), int(match["pid"])
-    if time.time() - mtime > STALE_TMP_AGE:
-        return f"writer pid {pid} on {host}: untouched for a day, gone", True
-    if host != socket.gethostname():
-        return f"writer pid {pid} on {host}", False
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return f"writer pid {pid} on {host}: gone", True
-    except PermissionError:
-        pass  # it runs, as another user's process
-    return f"writer pid {pid} on {host}: running", False
 
 
 def _size(n: float) -> str:
@@ -168,12 +141,12 @@ def list_entries(cache_dir: Path, console) -> int:
 
 
 def choose(entries: list[Entry], max_bytes: float | None, older_than_days: float | None) -> list[Entry]:
-    """What prune removes: temp files whose writer is gone, removable entries unused for longer than the
-    age, then the least recently used until everything left (live writers' temp files included) fits in
-    max_bytes."""
+    """What prune removes: what nothing can use (damaged entries, temp files whose writer is gone), removable
+    entries unused for longer than the age, then the least recently used until everything left (live
+    writers' temp files included) fits in max_bytes."""
     now = time.time()
     removable = sorted((e for e in entries if e.removable), key=lambda e: e.last_use)
-    chosen = [e for e in entries if e.writer_gone]  # nothing can use them
+    chosen = [e for e in entries if e.unusable]
     chosen += [e for e in removable if older_than_days is not None and now - e.last_use > older_than_days * DAY]
     total = sum(e.size for e in entries) - sum(e.size for e in chosen)
     for e in removable:
@@ -195,7 +168,7 @@ def prune(cache_dir: Path, max_gb: float | None, older_than: float | None, dry_r
             for path in e.files:  # the sidecar first: from then on no run takes the entry as complete
                 path.unlink(missing_ok=True)
         freed += e.size
-        why = f"; {e.key}" if e.kind == "temp" else ""
+        why = f"; {e.key}" if e.kind in ("temp", "damaged") else ""
         console.print(f"{verb} {e.kind} {e.name} ({_size(e.size)}, last use {_when(e.last_use)}{why})")
     left = sum(e.size for e in entries) - freed
     console.print(f"{verb} {len(chosen)} entr{'y' if len(chosen) == 1 else 'ies'}, {_size(freed)} freed; "

@@ -2,8 +2,9 @@
 
 A checkpoint is `<run_dir>/checkpoints/step_<global step>/`: Accelerate's `save_state` (model weights in
 safetensors, optimizer, scheduler, grad scaler, the RNG states of every process) plus `train_state.json`
-(where in the data the run is, its running loss) and `classes.json`, and last a manifest of every file's
-size and SHA-256. Every process writes into a temporary folder; the main process reads the weights back (all
+(where in the data the run is, its running loss), and the run's identity: `classes.json` and `config.json`
+(what a resume from it, into any folder, is checked against); last a manifest of every file's size and
+SHA-256. Every process writes into a temporary folder; the main process reads the weights back (all
 finite, or nothing is saved), and one rename, after everyone has written, makes it complete. Older
 checkpoints are pruned only after that. A save that fails (a full disk) leaves no temporary folder. The final
 model is `<run_dir>/model/`, in the same format without optimizer state, put in place by one atomic exchange.
@@ -12,19 +13,21 @@ Names and the verification live in `run_dir.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
 from tl_dist.run_dir import (CLASSES_FILE, CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, DiskFullError, RunDir, exchange,
-                             is_disk_full, read_json, verify, write_json, write_manifest)
+                             read_json, verify, write_json, write_manifest)
+from tl_dist.runtime import together
 
 
 class CheckpointError(RuntimeError):
@@ -99,10 +102,10 @@ def check_checkpoint(folder: Path, option: str = "--resume") -> None:
 SAVE_STEPS = 3  # written, checked, in place: what `on_step` counts
 
 
-def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: list[str], keep: int,
+def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: list[str], config: dict, keep: int,
                     on_step=lambda: None) -> Path:
-    """Called by every process. Returns the complete checkpoint folder. `on_step()` is called after each of
-    its SAVE_STEPS steps (progress)."""
+    """Called by every process. Returns the complete checkpoint folder. `config`: the run's config.json.
+    `on_step()` is called after each of its SAVE_STEPS steps (progress)."""
     run_dir = RunDir.of(run_dir)
     final = run_dir.checkpoint(state.global_step)
     tmp = run_dir.tmp_folder(final)
@@ -125,6 +128,7 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: li
     def finish():
         if accelerator.is_main_process:
             write_json(tmp / CLASSES_FILE, classes)
+            write_json(tmp / CONFIG_FILE, config)
             state.save(tmp)
             write_manifest(tmp)  # last: a folder whose files match it is complete and undamaged
             exchange(tmp, final)  # a checkpoint saved at this step before (a stop right after a resume)
@@ -139,21 +143,17 @@ def save_checkpoint(accelerator, run_dir: RunDir, state: TrainState, classes: li
 
 
 def _all_or_nothing(accelerator, run_dir: RunDir, tmp: Path, write) -> None:
-    """Run `write` on every process; if it failed on any, remove `tmp` and raise the same error on all
-    (DiskFullError for a full disk), so that they stop together and nothing half-written stays."""
+    """Run `write` on every process; if it failed on any, remove `tmp` and raise on all (DiskFullError for a
+    full disk), so that they stop together and nothing half-written stays."""
     try:
-        write()
-        failure = None
-    except Exception as exc:  # noqa: BLE001 - every process must hear of it before anyone raises
-        failure = ("disk full" if is_disk_full(exc, run_dir.path) else f"{type(exc).__name__}: {exc}")
-    failures = [f for f in gather_object([failure]) if f is not None]
-    if not failures:
-        return
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if "disk full" in failures:
-        raise DiskFullError(run_dir.path)
-    raise CheckpointError(f"saving a checkpoint in {run_dir.checkpoints} failed: {failures[0]}")
+        together(write, run_dir.path)
+    except Exception as exc:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, DiskFullError):
+            raise
+        raise CheckpointError(f"saving a checkpoint in {run_dir.checkpoints} failed: {type(exc).__name__}: "
+                              f"{exc}") from exc
 
 
 def save_final_model(accelerator, model, run_dir: RunDir, state: TrainState, classes: list[str],
@@ -184,7 +184,8 @@ def save_final_model(accelerator, model, run_dir: RunDir, state: TrainState, cla
 def load_weights(model, folder: Path, option: str = "--resume") -> None:
     """Load a checkpoint's or final model's weights into an unwrapped model."""
     check_checkpoint(folder, option)
-    state = load_file(str(Path(folder) / WEIGHTS_FILE))
+    with unloadable(folder, option):
+        state = load_file(str(Path(folder) / WEIGHTS_FILE))
     state = {k.removeprefix("module.").replace("_orig_mod.", ""): v for k, v in state.items()}
     try:
         model.load_state_dict(state)
@@ -194,5 +195,25 @@ def load_weights(model, folder: Path, option: str = "--resume") -> None:
             f"of classes). Resume with the options of the run that wrote it.") from None
 
 
+def load_state(accelerator, folder: Path) -> None:
+    """Accelerate's load_state of a checkpoint (model, optimizer, scheduler, every RNG), on every process."""
+    with unloadable(folder, "--resume"):
+        accelerator.load_state(str(folder))
+
+
+@contextlib.contextmanager
+def unloadable(folder: Path, option: str) -> Iterator[None]:
+    """A folder that verifies but whose files cannot be loaded (not what their names say: a pickle where
+    safetensors belong, files of another program) is a CheckpointError of one line. The loader's own
+    message is left out: torch's, for one, advises loading with weights_only=False, which would run
+    whatever code a pickle holds."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch.load, pickle and Accelerate raise many kinds
+        raise CheckpointError(
+            f"{option} {folder}: its files verify but cannot be loaded ({type(exc).__name__}): they are not what "
+            "tl_dist writes. Pass another checkpoint of the run (a checkpoints/step_N folder).") from None
+
+
 def read_classes(folder: Path) -> list[str]:
-    return json.loads((Path(folder) / CLASSES_FILE).read_text())
+    return read_json(Path(folder) / CLASSES_FILE)

@@ -131,8 +131,8 @@ class Config:
                                  "metrics as its metadata", "Tracking", False)
     wandb_mode: str | None = _opt("W&B mode (default: $WANDB_MODE; offline when no W&B credentials)",
                                   "Tracking", None, choices=("online", "offline", "disabled"))
-    log_every: int = _opt("print a progress line every N steps when the output is not a terminal (W&B gets "
-                                 "every step)", "Tracking", 10, positive=True)
+    log_every: int = _opt("in a log without a terminal, a progress line at least every N seconds (and at every "
+                          "tenth of a phase or epoch); W&B gets every step", "Tracking", 30, positive=True)
     config: str | None = _opt("a JSON or YAML file of options (a run's own config.json too): it gives the "
                               "defaults, flags on the command line win", "Tracking")
     # the options given on the command line or in --config (not a flag): what --resume checks
@@ -186,6 +186,11 @@ DERIVED = tuple(f.name for f in dataclasses.fields(RunFacts))
 NOT_FROM_FILES = ("resume", "eval_only", "config")  # what to do with a run, not what the run is
 
 
+def as_saved(value):
+    """An option's value as config.json holds it, to compare with a saved one (JSON has no tuples)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _given_parser() -> argparse.ArgumentParser:
     """The same flags with no defaults: its namespace holds only what the command line gave."""
     parser = build_parser()
@@ -230,7 +235,10 @@ def read_options_file(path: str | Path) -> dict:
     if Path(path).suffix.lower() in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:  # its message names the line and column
+            raise ValueError(" ".join(str(exc).split())) from None
     else:
         values = json.loads(text)
     if not isinstance(values, dict):
@@ -285,6 +293,20 @@ def check_network(parser: argparse.ArgumentParser, cfg: Config) -> None:
         parser.error(f"argument --image-size: {problem}")
 
 
+def check_memory(cfg: Config) -> None:
+    """One batch of the run (its options resolved: a resume's come from its checkpoint) must fit in the memory
+    of the device it trains on; an argparse error (exit 2) says what would."""
+    import torch
+
+    from tl_dist.capacity import memory_problem
+
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # as Accelerate chooses it
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if problem := memory_problem(cfg.model, cfg.image_size, cfg.batch_size, device):
+        build_parser().error(f"argument --image-size: {problem}")
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -294,7 +316,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         from_file = _file_defaults(parser, config_file)
         parser.set_defaults(**from_file)
         given |= set(from_file)
-    cfg = Config(**vars(parser.parse_args(argv)), given=frozenset(given))
+    values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(parser.parse_args(argv)).items()}
+    cfg = Config(**values, given=frozenset(given))
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
         if f.metadata.get("positive") and value is not None and value <= 0:
@@ -381,3 +404,11 @@ def _check_paths_and_workers(parser: argparse.ArgumentParser, cfg: Config) -> No
         if name != "data_dir" and not os.access(existing, os.W_OK | os.X_OK):
             parser.error(f"argument {_flag(name)}: {path} cannot be written ({existing} is read-only or not "
                          f"yours); pass a folder you can write to")
+    # What the run writes must not land among the images: a cache file in the data folder makes its class
+    # folders unreadable as such, and a run folder inside it becomes a class of the next run.
+    data_dir = Path(os.path.expanduser(cfg.data_dir)).resolve()
+    for name in ("cache_dir", "output_dir"):
+        value = getattr(cfg, name)
+        if value is not None and data_dir in (path := Path(os.path.expanduser(value)).resolve(), *path.parents):
+            parser.error(f"argument {_flag(name)}: {value} is inside --data-dir {cfg.data_dir} (the images); "
+                         "pass a folder outside it")

@@ -1,12 +1,10 @@
 """What the run prints, with rich, on the main process only (the others stay quiet).
 
-In a terminal: live progress bars with loss and images/s. Elsewhere (CI, SLURM logs): one plain line
-every `--log-every` steps, since a live display would only print its last frame.
-
-Every long phase that is not a training epoch (decoding, the feature pass, evaluation, saving) reports
-through `phase()`: a bar with count/total, rate and ETA in a terminal; elsewhere a plain line with
-count/total at the start, after every further 10% and at least every 30 s (when anything moved), and
-at the end.
+In a terminal: live progress bars with count/total, rate and ETA (and the loss and images/s of a training
+epoch). Elsewhere (CI, Slurm logs, nohup), where a live display would only print its last frame: plain
+lines, paced the same way for every phase (decoding, the feature pass, evaluation, saving, each training
+epoch): at the start, after every further tenth, at least every `--log-every` seconds (30; when anything
+moved), and at the end. So a log's length follows the time a job runs, not its number of steps.
 """
 
 from __future__ import annotations
@@ -40,18 +38,19 @@ class PlainPhase:
     of work. `clock` is injectable for tests."""
 
     def __init__(self, print_line: Callable[[str], None], description: str, total: int, unit: str = "images",
-                 every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+                 every_s: float = 30.0, clock: Callable[[], float] = time.monotonic, start: int = 0):
         self.print_line, self.description, self.total, self.unit = print_line, description, total, unit
         self.every_s, self.clock = every_s, clock
-        self.count, self.started = 0, clock()
+        self.count, self.first, self.started, self.info = start, start, clock(), ""  # start: a resumed epoch
         self.printed_count, self.printed_at = None, self.started
         self._line()
 
     def advance(self, n: int = 1) -> None:
         self.update(self.count + n)
 
-    def update(self, count: int) -> None:
-        self.count = min(count, self.total)
+    def update(self, count: int, info: str = "") -> None:
+        """`info`: shown after the count (a training step's loss and images/s)."""
+        self.count, self.info = min(count, self.total), info
         if self.count >= self._next_tenth() or self.clock() - self.printed_at >= self.every_s:
             self._line()
 
@@ -68,11 +67,11 @@ class PlainPhase:
             return
         now = self.clock()
         line = f"{self.description} {self.count}/{self.total} {self.unit}"
-        if self.count and now > self.started:
-            rate = self.count / (now - self.started)
+        if self.count > self.first and now > self.started:
+            rate = (self.count - self.first) / (now - self.started)
             eta = (self.total - self.count) / rate
             line += f" ({rate:,.1f} {self.unit}/s, ETA {int(eta // 60)}:{int(eta % 60):02d})"
-        self.print_line(line)
+        self.print_line(line + (f"  {self.info}" if self.info else ""))
         self.printed_count, self.printed_at = self.count, now
 
 
@@ -85,8 +84,8 @@ class LivePhase:
     def advance(self, n: int = 1) -> None:
         self.progress.advance(self.task, n)
 
-    def update(self, count: int) -> None:
-        self.progress.update(self.task, completed=count)
+    def update(self, count: int, info: str = "") -> None:
+        self.progress.update(self.task, completed=count, info=info)
 
 
 class QuietPhase:
@@ -95,7 +94,7 @@ class QuietPhase:
     def advance(self, n: int = 1) -> None:
         pass
 
-    def update(self, count: int) -> None:
+    def update(self, count: int, info: str = "") -> None:
         pass
 
 
@@ -110,8 +109,9 @@ class RateColumn(ProgressColumn):
 
 
 class RunConsole:
-    def __init__(self, is_main: bool):
-        self.is_main = is_main
+    def __init__(self, is_main: bool, every_s: float = 30.0):
+        """`every_s`: in a log, the longest a phase stays without a line (--log-every)."""
+        self.is_main, self.every_s = is_main, every_s
         # Outside a terminal (logs, CI, Slurm) lines are never folded: a path must stay whole to be found.
         self.console = Console(quiet=not is_main, highlight=False)
         self.console.soft_wrap = not self.console.is_terminal
@@ -147,9 +147,7 @@ class RunConsole:
             yield QuietPhase()
             return
         if not self.live:
-            # One line each, never wrapped (a log is read by tools too), never parsed as markup.
-            phase = PlainPhase(lambda line: self.print(line, soft_wrap=True, markup=False), description, total,
-                               unit)
+            phase = self._plain_phase(description, total, unit)
             yield phase
             phase.finish()
             return
@@ -164,17 +162,23 @@ class RunConsole:
             else:
                 self.stop_progress()
 
+    def _plain_phase(self, description: str, total: int, unit: str, start: int = 0) -> PlainPhase:
+        # One line each, never wrapped (a log is read by tools too), never parsed as markup.
+        return PlainPhase(lambda line: self.print(line, soft_wrap=True, markup=False), description, total, unit,
+                          self.every_s, start=start)
+
     def start_task(self, description: str, total: int, completed: int = 0):
+        """A training epoch's progress, `total` steps of which `completed` are done: a bar in a terminal,
+        else a PlainPhase; pass it to `advance`."""
         if self.live:
             return self._live_progress().add_task(description, total=total, completed=completed, info="")
-        self.print(f"{description}: {total} batches")
-        return description
+        return self._plain_phase(description, total, "steps", start=completed) if self.is_main else QuietPhase()
 
-    def advance(self, task, completed: int, total: int, info: str = "", log_line: bool = False) -> None:
-        if self.progress is not None:
+    def advance(self, task, completed: int, info: str = "") -> None:
+        if isinstance(task, (PlainPhase, QuietPhase)):
+            task.update(completed, info)
+        elif self.progress is not None:
             self.progress.update(task, completed=completed, info=info)
-        elif log_line:
-            self.print(f"{task} {completed}/{total} {info}")
 
     def stop_progress(self) -> None:
         if self.progress is not None:

@@ -14,13 +14,10 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +27,15 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from tl_dist.cache_entry import CacheEntry, remove_stale_temps
+from tl_dist.capacity import cache_disk_problem
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KAGGLE_DATASET = "imbikramsaha/caltech-101"
-CACHE_VERSION = 2  # 2: the metadata holds each file's original size
+CACHE_VERSION = 3  # 2: the metadata holds each file's original size; 3: and the array's checksum
 
 
 class DataError(RuntimeError):
@@ -283,22 +283,12 @@ def decode_rows(index: ImageIndex, rows, out: np.ndarray, resize: Resize, thread
     return bad, sizes
 
 
-class ImageCache:
-    """The decoded-image cache: `<cache_dir>/images-<key>-<resize>.npy` (N x S x S x 3 uint8) and a `.json`
-    beside it listing the files that could not be decoded and the original size of the others. The key covers
-    the data folder, every file's path, size and modification time, and how images are resized (`Resize`).
-    The .json is written last: a cache without it is incomplete and is built again.
-
-    It is built in a hidden temp file named after its writer (`.<name>.tmp-<host>-<pid>.npy`, up to
-    1.4 GB for Caltech-101 at 224 px) and renamed into place when complete. `building()` removes the
-    temp file when the build fails or is interrupted, and the temp files of writers that died without
-    that chance (SIGKILL, power loss): those of a pid that no longer runs on this host, or, whatever the
-    host (a cache folder shared between nodes), not modified for STALE_TMP_SECONDS."""
-
-    STALE_TMP_SECONDS = 24 * 3600  # a live writer modifies its temp file with every decoded image
-    TMP_NAME = re.compile(r"^\.images-.+\.tmp-(?P<host>.+)-(?P<pid>\d+)\.(npy|json)$")
-    # Before the host was in the name: `.images-<key>-<S>px.<pid>-<time_ns>.npy`, taken as this host's.
-    OLD_TMP_NAME = re.compile(r"^\.images-.+px\.(?P<pid>\d+)-\d+\.npy$")
+class ImageCache(CacheEntry):
+    """The decoded-image cache: `<cache_dir>/images-<key>-<resize>.npy` (N x S x S x 3 uint8), a cache entry
+    (cache_entry.py) whose sidecar lists the files that could not be decoded and the original size of the
+    others. The key covers the data folder, every file's path, size and modification time, and how images are
+    resized (`Resize`). One process of each cache group writes it (`start`); a damaged one is removed and
+    built again."""
 
     def __init__(self, cache_dir: str | Path, index: ImageIndex, resize: int | Resize):
         resize = Resize(resize) if isinstance(resize, int) else resize
@@ -307,71 +297,26 @@ class ImageCache:
             st = (index.root / rel).stat()
             digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         self.key = digest.hexdigest()[:20]
-        self.dir = Path(cache_dir)
-        self.array_path = self.dir / f"images-{self.key}-{resize.name}.npy"
-        self.meta_path = self.array_path.with_suffix(".json")
+        super().__init__(cache_dir, f"images-{self.key}-{resize.name}")
         self.index, self.resize, self.image_size = index, resize, resize.size
 
-    def complete(self) -> bool:
-        return self.meta_path.is_file() and self.array_path.is_file()
-
-    def tmp_path(self) -> Path:
-        return self.dir / f".{self.array_path.stem}.tmp-{socket.gethostname()}-{os.getpid()}.npy"
-
-    def create_tmp(self) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_path()
-        shape = (len(self.index), self.image_size, self.image_size, 3)
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
-        return tmp
-
-    @contextlib.contextmanager
-    def building(self, owner: bool, say=print) -> Iterator[Path | None]:
-        """On the process that writes the cache (`owner`), when it is not complete: remove stale temp
-        files, create this build's temp file and yield it; remove it if the block raises (Ctrl-C and
-        runtime.Interrupted included). Elsewhere, or when the cache is complete, yield None."""
-        if not owner or self.complete():
-            yield None
-            return
-        removed = self.remove_stale_tmp()
+    def start(self, owner: bool, say=print, warn=print) -> Path | None:
+        """On the process that writes the cache (`owner`), when it is missing or damaged: remove the temp
+        files of writers that are gone, create this build's temp file and return it. Elsewhere, or when
+        the cache is there and undamaged, None."""
+        if not owner or self.usable(warn):
+            return None
+        removed = remove_stale_temps(self.dir)
         if removed:
             say(f"removed {len(removed)} partial cache file(s) left by an interrupted run: "
                 + ", ".join(p.name for p in removed))
-        try:
-            yield self.create_tmp()
-        except BaseException:
-            self.tmp_path().unlink(missing_ok=True)
-            self.tmp_path().with_suffix(".json").unlink(missing_ok=True)
-            raise
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if problem := cache_disk_problem(len(self.index), self.image_size, self.dir):
+            raise DataError(problem)
+        return self.create_tmp()
 
-    def remove_stale_tmp(self) -> list[Path]:
-        removed = []
-        for path in sorted(self.dir.glob(".images-*")) if self.dir.is_dir() else []:
-            match = self.TMP_NAME.match(path.name) or self.OLD_TMP_NAME.match(path.name)
-            if match is None:  # the cache itself, or not ours
-                continue
-            host = match.groupdict().get("host") or socket.gethostname()
-            if self._stale(path, host, int(match["pid"])):
-                path.unlink(missing_ok=True)
-                removed.append(path)
-        return removed
-
-    def _stale(self, path: Path, host: str, pid: int) -> bool:
-        try:
-            age = time.time() - path.stat().st_mtime
-        except FileNotFoundError:  # its writer just renamed or removed it
-            return False
-        if age > self.STALE_TMP_SECONDS:
-            return True
-        if host != socket.gethostname() or pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return True
-        except PermissionError:  # it exists, as another user's process
-            return False
-        return False
+    def create_tmp(self) -> Path:
+        return self.create_array((len(self.index), self.image_size, self.image_size, 3), np.uint8)
 
     def fill(self, tmp: Path, rows, threads: int, on_progress=None) -> tuple[dict[int, str], dict[int, tuple]]:
         """Decodes `rows` into the temp file: ({row: why} of the files that cannot be decoded, {row: (width,
@@ -382,18 +327,15 @@ class ImageCache:
         return decoded
 
     def publish(self, tmp: Path, bad: dict[int, str], sizes: dict[int, tuple]) -> None:
-        meta = {"files": len(self.index), "image_size": self.image_size, "resize": self.resize.name,
-                "bad": {self.index.files[r]: why for r, why in sorted(bad.items())},
-                "sizes": [list(sizes.get(r, (0, 0))) for r in range(len(self.index))]}
-        os.replace(tmp, self.array_path)
-        tmp_meta = tmp.with_suffix(".json")
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, self.meta_path)
+        """Put this writer's temp file (`tmp`, from `start`) in place, with the files that could not be decoded
+        and the original sizes of the others."""
+        self.finish(tmp, {"files": len(self.index), "image_size": self.image_size, "resize": self.resize.name,
+                          "bad": {self.index.files[r]: why for r, why in sorted(bad.items())},
+                          "sizes": [list(sizes.get(r, (0, 0))) for r in range(len(self.index))]})
 
     def bad_files(self) -> dict[str, str]:
-        with contextlib.suppress(OSError):  # each run that uses the cache marks its last use (tl_dist.cache)
-            os.utime(self.meta_path)
-        return json.loads(self.meta_path.read_text())["bad"]
+        self.touch()  # each run that uses the cache marks its last use (tl_dist.cache)
+        return self.meta()["bad"]
 
 
 def original_sizes(array_path: Path) -> np.ndarray:
@@ -408,8 +350,9 @@ def keep_decodable(index: ImageIndex, bad: dict[str, str], warn=print) -> tuple[
     kept none of their files left out (labels renumbered; rows still match the decoded-image cache)."""
     rows = [i for i, f in enumerate(index.files) if f not in bad]
     if not rows:
-        raise DataError(f"none of the {len(index)} images in {index.root} can be decoded (see the warning "
-                        "above). Check that --data-dir holds the images themselves, not links or archives.")
+        first = ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:3])
+        raise DataError(f"none of the {len(index)} images in {index.root} can be decoded (first: {first}). Check "
+                        "that --data-dir holds the images themselves, not links or archives.")
     kept = sorted({index.labels[i] for i in rows})
     if len(kept) < len(index.classes):
         lost = [c for y, c in enumerate(index.classes) if y not in set(kept)]

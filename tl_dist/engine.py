@@ -133,7 +133,6 @@ class LoopSettings:
     checkpoint_every_epochs: int = 0  # 0 = never
     checkpoint_every_steps: int = 0
     max_skipped_steps: int = 50
-    log_every: int = 10
     seed: int = 0  # what, with the epoch and the image, every random choice of a step is drawn from
 
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -269,7 +268,7 @@ def global_steps(loader, sampler):
 
 class TrainLog:
     """What the loop shows: the time spent training, throughput, W&B (every step) and the console (a
-    progress bar, or a line every --log-every steps)."""
+    progress bar, or in a log lines paced by time: console.PlainPhase)."""
 
     def __init__(self, tracker, console, settings: LoopSettings):
         self.tracker, self.console, self.settings = tracker, console, settings
@@ -299,9 +298,7 @@ class TrainLog:
         self.tracker.log({"train/loss": loss, "train/lr": lr, "train/images_per_second": images_per_second,
                           "epoch": state.epoch + 1, "train/skipped_steps": state.skipped_steps},
                          step=state.global_step)
-        self.console.advance(self.task, state.step_in_epoch, self.steps_per_epoch,
-                             f"loss {loss:.4f}  {images_per_second:,.0f} img/s",
-                             log_line=state.global_step % self.settings.log_every == 0)
+        self.console.advance(self.task, state.step_in_epoch, f"loss {loss:.4f}  {images_per_second:,.0f} img/s")
 
     def end_epoch(self, state: TrainState) -> None:
         """Show the epoch that `state.end_epoch()` closed."""

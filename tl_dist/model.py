@@ -12,6 +12,7 @@ features (`pooled=True`): that is how the frozen-feature cache trains the classi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def check_weights(arch: str, weights: str) -> str | None:
     """Why --weights cannot be used with --model ARCH, or None."""
     if weights == "none" or Path(weights).is_file():
         return None
+    if Path(weights).suffix or os.sep in weights:  # a path, not a name of weights
+        return f"{weights}: no such file; pass the PATH of a state_dict, imagenet or none"
     if arch == TINY:
         return f"{weights!r}: {TINY} has no pretrained weights; pass none or the PATH of a state_dict"
     if weights_entry(arch, weights) is None:

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from tl_dist.capacity import memory_problem
 from tl_dist.console import CommandParser, end_process
-from tl_dist.checkpoint import CheckpointError, check_checkpoint, load_weights, read_classes
-from tl_dist.run_dir import CLASSES_FILE, CONFIG_FILE, FINAL_MODEL, WEIGHTS_FILE, RunDir
+from tl_dist.checkpoint import CheckpointError, check_checkpoint, load_weights, read_classes, unloadable
+from tl_dist.run_dir import CLASSES_FILE, CONFIG_FILE, FINAL_MODEL, WEIGHTS_FILE, RunDir, RunDirError, read_json
 from tl_dist.data import IMAGE_EXTENSIONS, Resize, _hidden, load_image, normalize
 from tl_dist.model import VisionTransformerNet, WeightsError, build_model, check_image_size, eval_resize
 
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_model_dir(path: Path) -> Path:
     """The folder holding the weights: DIR itself, DIR/model, or the run's newest checkpoint."""
+    if not path.exists():
+        raise CheckpointError(f"--checkpoint {path}: no such folder. Pass a run's output folder (with a "
+                              f"{FINAL_MODEL}/ or checkpoints/step_N folder), or one of those folders.")
     if (path / WEIGHTS_FILE).is_file():
         check_checkpoint(path, "--checkpoint")  # one given explicitly: damaged is an error, not a fallback
         return path
@@ -69,7 +73,7 @@ def read_run_config(model_dir: Path) -> dict:
     """The run's config.json: beside the weights for a final model; in the run folder for a checkpoint."""
     for candidate in (model_dir / CONFIG_FILE, model_dir.parent.parent / CONFIG_FILE):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return read_json(candidate)
     return {}
 
 
@@ -124,7 +128,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
     weights = config.get("weights", "none")
     model = build_model(arch, len(classes), weights, "none", config.get("dropout"), image_size=image_size,
                         from_checkpoint=True)
-    load_weights(model, model_dir)
+    load_weights(model, model_dir, "--checkpoint")
     # The recorded normalisation; runs that did not record it were trained with ImageNet's (model.mean).
     mean, std = tuple(config.get("mean") or model.mean), tuple(config.get("std") or model.std)
     model.mean, model.std = mean, std
@@ -144,7 +148,7 @@ def _guess_vgg(model_dir: Path) -> str:
     features.28) or the tiny stand-in, the only networks of tl_dist before it recorded its network."""
     from safetensors import safe_open
 
-    with safe_open(str(model_dir / WEIGHTS_FILE), "pt") as weights:
+    with unloadable(model_dir, "--checkpoint"), safe_open(str(model_dir / WEIGHTS_FILE), "pt") as weights:
         deep = any(k.removeprefix("module.").startswith("features.28.") for k in weights.keys())
     return "vgg16" if deep else "vgg_tiny"
 
@@ -206,21 +210,40 @@ def predict(model: LoadedModel, paths: list[Path], image_size: int, top_k: int, 
 # ---------------------------------------------------------------- main
 
 
+def choose_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """--device: auto (a CUDA GPU when there is one), or one this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"argument --device: {name!r} is not a device; pass auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"argument --device: {name}: this machine has no CUDA GPU; pass cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"argument --device: {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                     f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"argument --device: {name}: pass auto, cpu, cuda or cuda:N")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or (args.image_size is not None and args.image_size < 1):
         parser.error("--top-k, --batch-size and --image-size must be positive")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = choose_device(parser, args.device)
     try:
         model = load_model(args.checkpoint, device)
-    except (CheckpointError, WeightsError) as exc:
-        parser.error(str(exc).replace("--resume", "--checkpoint"))
+    except (CheckpointError, WeightsError, RunDirError) as exc:
+        parser.error(str(exc))
     model_dir, classes, config = model.model_dir, model.classes, model.config
     if args.image_size and (problem := image_size_problem(model, args.image_size)):
         parser.error(f"argument --image-size: {problem}")
     image_size = args.image_size or model.image_size
+    if problem := memory_problem(model.arch, image_size, args.batch_size, device):
+        parser.error(f"argument --image-size: {problem}")
     top_k = min(args.top_k, len(classes))
     paths = expand_inputs(args.inputs)
     info = sys.stderr

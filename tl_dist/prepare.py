@@ -28,8 +28,8 @@ from tl_dist.data import (CachedImages, DataError, ImageCache, ImageIndex, Resiz
 from tl_dist.engine import Batches, extract_features
 from tl_dist.features import FeatureStore, StoredFeatures, weights_fingerprint
 from tl_dist.model import eval_resize as weights_eval_resize
-from tl_dist.run_dir import RunDir, read_json
-from tl_dist.runtime import stop_on_signals
+from tl_dist.run_dir import DamagedFileError, RunDir, RunDirError, read_json
+from tl_dist.runtime import stop_on_signals, together
 
 
 def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_dir: RunDir) -> tuple:
@@ -38,7 +38,12 @@ def load_index(cfg: Config, accelerator: Accelerator, console: RunConsole, run_d
     missing) with the split still to be drawn (None)."""
     data_dir = Path(cfg.data_dir)
     if run_dir.split.is_file():
-        split = read_json(run_dir.split)
+        try:
+            split = read_json(run_dir.split)
+        except DamagedFileError as exc:
+            raise RunDirError(f"{exc}: the run's split is lost. Restore it, or continue the run from one of its "
+                              "checkpoints in another --output-dir (--resume PATH: the split is drawn again "
+                              "from --data-dir with the run's options).") from None
         root = find_image_root(data_dir) if data_dir.is_dir() else data_dir
         parts = [split["train"], split.get("val", []), split["test"]]
         # In the order index_images gives (class folder, then path), so that the decoded-image cache of the
@@ -127,34 +132,40 @@ def build_image_cache(cfg: Config, accelerator: Accelerator, console: RunConsole
     """Decode every image once into the cache (this is also the verify pass), sharded over the processes
     of each cache group, resized as `resize` says (default: as evaluation sees the images). Returns the cache
     file, {file: why} for the files that could not be decoded, and this process's cache group."""
-    cache_dir, data_dir = Path(cfg.cache_dir).resolve(), index.root.resolve()
-    if cache_dir == data_dir or data_dir in cache_dir.parents:
-        raise DataError(f"--cache-dir {cfg.cache_dir} is inside --data-dir; choose a folder outside it.")
+    cache_dir = Path(cfg.cache_dir).resolve()
     group = cache_group(accelerator, cache_dir)
     if group.size < accelerator.num_processes:
         console.print(f"--cache-dir {cfg.cache_dir} is not shared between the nodes: each node builds or reads "
                       f"its own copy of the caches")
     cache = ImageCache(cache_dir, index, resize or eval_resize(cfg))
     # Ctrl-C or SIGTERM: the writer removes the temp file it created, then main() exits 75.
-    with stop_on_signals("decoding images"), cache.building(group.writer, console.print) as tmp:
-        tmps = gather_object([tmp])  # each group's writer's temp file, or None where its cache is complete
-        tmp = tmps[group.ranks[0]]
+    with stop_on_signals("decoding images"):
+        # each group's writer's temp file, or None where its cache is there and undamaged
+        tmps = together(lambda: cache.start(group.writer, console.print, console.warn), cache_dir)
         if any(t is not None for t in tmps):
-            if tmp is None:  # only other nodes, each with its own --cache-dir disk, lack the decoded images
-                console.print(f"waiting for the nodes whose --cache-dir lacks {cache.array_path.name} to decode it")
-            else:
-                console.print(f"decoding {len(index)} images once into {cache.array_path} ...")
-                rows = range(group.rank, len(index), group.size)
-                # The main process shows its own shard's progress scaled to all images (shards differ by <= 1).
-                with console.phase("decoding", len(index)) as progress:
-                    decoded = cache.fill(tmp, rows, threads,
-                                         lambda done: progress.update(done * len(index) // len(rows)))
-            parts = gather_object([decoded if tmp is not None else ({}, {})])
-            merged = [{row: v for part in parts for row, v in part[k].items()} for k in (0, 1)]  # bad, sizes
-            if tmp is not None and group.writer:
-                cache.publish(tmp, *merged)
-            accelerator.wait_for_everyone()
+            try:
+                _decode(console, cache, group, tmps[group.ranks[0]], threads)
+            except BaseException:
+                cache.discard()
+                raise
     return cache.array_path, cache.bad_files(), group
+
+
+def _decode(console: RunConsole, cache: ImageCache, group: CacheGroup, tmp: Path | None, threads: int) -> None:
+    """Every process of a group that lacks the cache decodes its share into the group writer's temp file
+    `tmp`; the writer puts it in place."""
+    index, decoded = cache.index, ({}, {})
+    if tmp is None:  # only other nodes, each with its own --cache-dir disk, lack the decoded images
+        console.print(f"waiting for the nodes whose --cache-dir lacks {cache.array_path.name} to decode it")
+    else:
+        console.print(f"decoding {len(index)} images once into {cache.array_path} ...")
+        rows = range(group.rank, len(index), group.size)
+        # The main process shows its own shard's progress scaled to all images (shards differ by <= 1).
+        with console.phase("decoding", len(index)) as progress:
+            decoded = cache.fill(tmp, rows, threads, lambda done: progress.update(done * len(index) // len(rows)))
+    parts = gather_object([decoded])
+    bad, sizes = ({row: v for part in parts for row, v in part[k].items()} for k in (0, 1))
+    together(lambda: cache.publish(tmp, bad, sizes) if tmp is not None and group.writer else None, cache.dir)
 
 
 @dataclass
@@ -200,17 +211,14 @@ def prepare_data(cfg: Config, accelerator: Accelerator, console: RunConsole, run
     array_path, bad, group = build_image_cache(cfg, accelerator, console, index, threads)
     crops = (build_crop_cache(cfg, accelerator, console, index, threads, array_path)
              if AugmentOptions.from_config(cfg).crops else (None, None))
-    if bad:
-        console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
-                     f"{run_dir.skipped}): " + ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
-                     + (" ..." if len(bad) > 10 else ""))
     if rows is None:  # a new split, over the files that decoded
         index, good = keep_decodable(index, bad, console.warn)
         rows = split_rows(cfg, index, good)
-        warn_untested_classes(index.classes, [index.labels[r] for r in rows[2]], console.warn)
-    elif any(index.files[r] in bad for part in rows for r in part):
-        raise DataError(f"files of this run's split can no longer be decoded (listed above); restore them in "
-                        f"--data-dir {cfg.data_dir}, or start a new run in another --output-dir.")
+        check_split(cfg, index, rows, console.warn)
+    elif lost := [f"{index.files[r]} ({bad[index.files[r]]})" for part in rows for r in part if index.files[r] in bad]:
+        raise DataError(f"{len(lost)} file(s) of this run's split can no longer be decoded (first: "
+                        f"{', '.join(lost[:3])}); restore them in --data-dir {cfg.data_dir}, or start a new run in "
+                        "another --output-dir.")
     return PreparedData(index, array_path, bad, group, *rows, *crops)
 
 
@@ -253,6 +261,28 @@ def training_batches(cfg: Config, accelerator: Accelerator, data: PreparedData, 
     return batches
 
 
+def check_split(cfg: Config, index: ImageIndex, rows: list[list[int]], warn) -> None:
+    """A split that cannot measure anything is refused, one far from what was asked for is named: per class,
+    a split takes at least one image when the class has 2 or more and leaves one behind, so on small classes
+    the fractions are rounded a long way."""
+    train, val, test = rows
+    hint = f" (--max-samples {cfg.max_samples} keeps about that many images)" if cfg.max_samples else ""
+    if not test:
+        raise DataError(f"no test image can be held out: every class has a single image{hint}, and a class "
+                        "needs 2 to give one to the test split. Use more images per class"
+                        + (f", e.g. --max-samples {2 * len(index.classes)} or 0 (all)." if hint else "."))
+    if cfg.val_fraction and not val:
+        raise DataError(f"--val-fraction {cfg.val_fraction}: no validation image can be held out, since no class "
+                        f"keeps 2 training images after the test split{hint}; a class needs 3 images for one of "
+                        "each split. Pass --val-fraction 0, or use more images per class.")
+    for option, fraction, held, of in (("--test-fraction", cfg.test_fraction, len(test), sum(map(len, rows))),
+                                       ("--val-fraction", cfg.val_fraction, len(val), len(train) + len(val))):
+        if fraction and not 0.5 * fraction <= held / of <= 1.5 * fraction:
+            warn(f"warning: {option} {fraction:g} holds out {held} of {of} images ({held / of:.0%}): on classes "
+                 "this small each split takes at least one image of a class that has 2 or more")
+    warn_untested_classes(index.classes, [index.labels[r] for r in test], warn)
+
+
 def image_batches(cfg: Config, accelerator: Accelerator, images: CachedImages, model, sampler=None) -> Batches:
     """uint8 images from the cache, normalised on the device as `model`'s weights expect: the training
     batches (our sampler) or evaluation batches (sequential, sharded by Accelerate's `prepare`)."""
@@ -274,9 +304,10 @@ def build_feature_store(cfg: Config, accelerator: Accelerator, console: RunConso
         "images": data.array_path.name, "model": cfg.model, "weights": weights_fingerprint(cfg.model, cfg.weights,
                                                                                              cfg.seed),
         "image_size": cfg.image_size, "precision": accelerator.mixed_precision, "channels_last": cfg.channels_last})
-    lock = store.locked(console.print) if accelerator.is_main_process else contextlib.nullcontext()
+    lock = (store.locked(lambda message: console.print(f"features: {message}")) if accelerator.is_main_process
+            else contextlib.nullcontext())
     with lock:  # held by the main process: of several runs that need these features, one computes them
-        writes = data.cache_group.writer and not store.complete()
+        writes = data.cache_group.writer and not store.usable(console.warn)
         missing = any(gather_object([writes]))
         seconds = compute_features(cfg, accelerator, console, model, data, store, writes) if missing else None
         accelerator.wait_for_everyone()
@@ -293,12 +324,20 @@ def compute_features(cfg: Config, accelerator: Accelerator, console: RunConsole,
     rows = np.array(sorted(data.train_rows + data.val_rows + data.test_rows))
     array, dtype = None, None
 
+    def create(dim: int) -> None:
+        nonlocal array
+        if writes:
+            array = store.create(len(data.index), dim, dtype)
+
     def write(positions: torch.Tensor, features: torch.Tensor) -> None:
-        nonlocal array, dtype
+        """Called on every process with every gathered batch; the first call creates the file (its space
+        reserved: a full --cache-dir stops every process here)."""
+        nonlocal dtype
+        if dtype is None:
+            dtype = features.dtype
+            together(lambda: create(features.shape[1]), store.dir)
         if not writes:
             return
-        if array is None:
-            array, dtype = store.create(len(data.index), features.shape[1], features.dtype), features.dtype
         bits = features.cpu()
         bits = bits.view(torch.int16).numpy().view(np.uint16) if bits.dtype == torch.bfloat16 else bits.numpy()
         array[rows[positions.cpu().numpy()]] = bits
@@ -309,8 +348,7 @@ def compute_features(cfg: Config, accelerator: Accelerator, console: RunConsole,
             images = image_batches(cfg, accelerator, data.images(rows.tolist()), model)
             extract_features(accelerator, model, images, write, console, "features")
         seconds = time.perf_counter() - tic
-        if array is not None:
-            store.publish(array, dtype, seconds)
+        together(lambda: store.publish(array, dtype, seconds) if array is not None else None, store.dir)
     except BaseException:
         store.discard()
         raise

@@ -15,9 +15,9 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
-from tl_dist.checkpoint import CheckpointError, TrainState, check_checkpoint
-from tl_dist.config import NOT_FROM_FILES, RUN_DEFINING, Config, read_options_file
-from tl_dist.run_dir import FINAL_MODEL, RunDir, RunDirError, read_json
+from tl_dist.checkpoint import CheckpointError, TrainState, check_checkpoint, read_classes
+from tl_dist.config import NOT_FROM_FILES, RUN_DEFINING, Config, as_saved, read_options_file
+from tl_dist.run_dir import CONFIG_FILE, FINAL_MODEL, DamagedFileError, RunDir, RunDirError, read_json
 
 
 def run_dir_of(cfg: Config) -> Path | None:
@@ -25,9 +25,14 @@ def run_dir_of(cfg: Config) -> Path | None:
     if cfg.output_dir:
         return Path(cfg.output_dir)
     if cfg.resume not in (None, "auto"):
-        ckpt = Path(cfg.resume).resolve()
-        return ckpt.parent if ckpt.name == FINAL_MODEL else ckpt.parent.parent
+        return run_folder_of(Path(cfg.resume))
     return None
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder that holds a checkpoints/step_N or model/ folder."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent if checkpoint.name == FINAL_MODEL else checkpoint.parent.parent
 
 
 def choose_run_dir(cfg: Config, accelerator) -> Path:
@@ -40,37 +45,104 @@ def choose_run_dir(cfg: Config, accelerator) -> Path:
     return Path(broadcast_object_list([datetime.datetime.now().strftime("runs/%Y-%m-%d_%H-%M-%S")])[0])
 
 
-def claim_run_dir(run_dir: RunDir, accelerator, resume: bool) -> None:
+def claim_run_dir(run_dir: RunDir, accelerator, cfg: Config) -> str | None:
     """The main process locks the run folder and checks that a new run does not reuse one (RunDir.claim);
-    every process hears the outcome."""
+    every process hears the outcome. A folder that holds nothing but the start of a run with the same
+    options (one that failed before its first checkpoint) is taken back by the same command, which
+    continues it as --resume auto would: returns a line that says so, else None."""
     from accelerate.utils import broadcast_object_list
 
-    error = None
+    error, note = None, None
     if accelerator.is_main_process:
         try:
-            run_dir.claim(resume=resume)
+            again = cfg.resume is None and _same_start(run_dir, cfg)
+            run_dir.claim(resume=cfg.resume is not None or again)
+            if again:
+                note = (f"{run_dir} holds only the start of a run with these options, stopped before its first "
+                        "checkpoint: starting it again")
         except RunDirError as exc:
             error = str(exc)
-    error = broadcast_object_list([error])[0]
+    error, note = broadcast_object_list([error, note])
     if error:
         raise RunDirError(error)
+    return note
+
+
+def _same_start(run_dir: RunDir, cfg: Config) -> bool:
+    """The folder holds only the start of a run (RunDir.holds_only_a_start) whose options are these."""
+    if not run_dir.holds_only_a_start() or not run_dir.config.is_file():
+        return False
+    try:
+        saved = read_json(run_dir.config)
+    except DamagedFileError:
+        return False
+    same = (*RUN_DEFINING, "data_dir", "batch_size", "epochs", "max_steps")
+    return all(saved.get(name) == as_saved(getattr(cfg, name)) for name in same)
 
 
 def with_saved_options(cfg: Config) -> tuple[Config, dict | None]:
-    """On a resume, the run's saved options for every option not given. Returns (options, saved config)."""
-    folder = run_dir_of(cfg)
-    if cfg.resume is None or folder is None or not RunDir(folder).config.is_file():
+    """On a resume, the run's saved options for every option not given: those of the checkpoint given as
+    --resume PATH (it carries them), else of the run folder. Returns (options, saved config)."""
+    path = _saved_config(cfg)
+    if path is None:
         return cfg, None
-    saved = RunDir(folder).config
     try:
-        options = read_options_file(saved)
-    except ValueError as exc:
-        raise RunDirError(f"{saved} cannot be read ({exc}); resume with --resume PATH from a checkpoint's "
-                          "folder, or start a new run in another --output-dir.") from None
+        saved = read_json(path)
+        options = read_options_file(path)
+    except (DamagedFileError, ValueError) as exc:
+        if cfg.resume != "auto" and path.parent == Path(cfg.resume):
+            check_checkpoint(path.parent)  # a checkpoint's own file: it does not verify, and says why
+        why = exc.why if isinstance(exc, DamagedFileError) else f"{type(exc).__name__}: {exc}"
+        raise RunDirError(_damaged_config_advice(path, why)) from None
     known = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
     keep = {k: v for k, v in options.items() if k in known and k not in cfg.given and k not in NOT_FROM_FILES
             and k != "output_dir"}
-    return dataclasses.replace(cfg, **keep), read_json(saved)
+    return dataclasses.replace(cfg, **keep), saved
+
+
+def _saved_config(cfg: Config) -> Path | None:
+    """The config.json a resume is checked against: the checkpoint's own (--resume PATH), else its run
+    folder's (a checkpoint saved before they carried one), else the --output-dir's (--resume auto)."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        candidates = [RunDir(cfg.output_dir).config]
+    else:
+        checkpoint = Path(cfg.resume)
+        candidates = [checkpoint / CONFIG_FILE, RunDir(run_folder_of(checkpoint)).config]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def _damaged_config_advice(path: Path, why: str) -> str:
+    """What to do about a run folder's config.json that cannot be read: resume from a checkpoint, which
+    carries the options (in the same --output-dir)."""
+    folder = path.parent
+    newest = RunDir(folder).latest()
+    if newest is not None and (newest / CONFIG_FILE).is_file():
+        return (f"{path} cannot be read ({why}). Resume from a checkpoint, which carries the run's options: "
+                f"--resume {newest} --output-dir {folder}")
+    return (f"{path} cannot be read ({why}) and no checkpoint of the run carries its options. Remove it and "
+            f"resume with --resume auto and the run's options on the command line, or start a new run in "
+            "another --output-dir.")
+
+
+def check_classes(checkpoint: Path, classes: list[str], data_dir: str) -> None:
+    """The classes of --data-dir (or of the run's split) must be those the checkpoint was trained on, in the
+    same order: a label is an index into them. One line per difference."""
+    saved = read_classes(checkpoint)
+    if saved == classes:
+        return
+    lines = []
+    if len(saved) != len(classes):
+        lines.append(f"{len(saved)} classes in the checkpoint, {len(classes)} in --data-dir")
+    only_saved, only_found = [c for c in saved if c not in classes], [c for c in classes if c not in saved]
+    if only_saved or only_found:
+        lines.append(f"only in the checkpoint: {', '.join(only_saved[:5]) or '-'}; only in --data-dir: "
+                     f"{', '.join(only_found[:5]) or '-'}")
+    else:
+        lines.append("the same class names in another order")
+    raise CheckpointError(f"--resume {checkpoint}: it was trained on other classes than --data-dir {data_dir} "
+                          "holds; pass the --data-dir it was trained on:\n  " + "\n  ".join(lines))
 
 
 @dataclass
@@ -80,6 +152,7 @@ class ResumePlan:
     state: TrainState | None = None
     finished: str | None = None  # the run is finished and not extended: say this, and do nothing
     note: str | None = None  # one line on what changed (the number of processes)
+    report_only: bool = False  # a finished run whose results are missing: `checkpoint` is its final model
 
 
 def plan_resume(cfg: Config, saved: dict | None, run_dir: RunDir, num_processes: int, accumulation: int,
@@ -127,7 +200,7 @@ def _check_identity(cfg: Config, saved: dict | None, num_processes: int, accumul
     if saved is None:
         return cfg, None
     lines = [f"--{k.replace('_', '-')}: saved {saved[k]!r}, given {getattr(cfg, k)!r}"
-             for k in RUN_DEFINING if k in cfg.given and k in saved and saved[k] != getattr(cfg, k)]
+             for k in RUN_DEFINING if k in cfg.given and k in saved and saved[k] != as_saved(getattr(cfg, k))]
     if "mixed_precision_resolved" in saved and saved["mixed_precision_resolved"] != precision:
         lines.append(f"--mixed-precision: saved {saved['mixed_precision_resolved']!r}, given {precision!r}")
     saved_accumulation = saved.get("gradient_accumulation_resolved", 1)
@@ -141,8 +214,8 @@ def _check_identity(cfg: Config, saved: dict | None, num_processes: int, accumul
         lines.append(f"--epochs/--max-steps: the cosine schedule was fitted to {saved.get('epochs')} epochs "
                      f"(max steps {saved.get('max_steps')}); it cannot change length")
     if lines:
-        raise RunDirError("--resume: these options differ from the run's config.json, and they define the "
-                          "run; drop them, or start a new run in another --output-dir:\n  " + "\n  ".join(lines))
+        raise RunDirError("--resume: these options differ from those the run was saved with, and they define "
+                          "the run; drop them, or start a new run in another --output-dir:\n  " + "\n  ".join(lines))
     return _per_process_batch(cfg, saved, num_processes, accumulation)
 
 
@@ -166,6 +239,11 @@ def _extend(cfg: Config, saved: dict | None, run_dir: RunDir, final: Path, state
     """A finished run: nothing to do, or, with --epochs above its epochs, continue from its last state."""
     trained = len(state.epoch_losses)
     if cfg.epochs <= trained:
+        missing = run_dir.missing_report() if final.resolve() == run_dir.final_model.resolve() else []
+        if missing:  # a full disk or a kill while it wrote them
+            return ResumePlan(cfg, final, state, report_only=True,
+                              note=f"{run_dir} is finished but lacks {', '.join(missing)}: evaluating its final "
+                                   "model again to write its results")
         return ResumePlan(cfg, finished=f"{run_dir} is finished ({trained} epochs; its final model is {final}). "
                                    f"To train it further, pass --resume auto --epochs N with N above {trained}.")
     if cfg.lr_schedule == "cosine":

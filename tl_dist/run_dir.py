@@ -29,10 +29,12 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
 import socket
+import zipfile
 from pathlib import Path
 
 # ---- names (no other module spells them)
@@ -66,11 +68,23 @@ class RunDirError(RuntimeError):
     """The run folder cannot be used as asked; the message says what to do."""
 
 
+class DamagedFileError(RunDirError):
+    """A file of the run folder that is there but cannot be read (truncated, not JSON): one line, which the
+    caller completes with what to do."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} is damaged ({why})")
+        self.path, self.why = Path(path), why
+
+
 class DiskFullError(OSError):
     """A write failed for lack of space (raised where the error from below says less)."""
 
     def __init__(self, folder: Path):
         super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+
+    def __reduce__(self):  # it travels between processes (runtime.together)
+        return DiskFullError, (self.filename,)
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -102,7 +116,13 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    """A JSON file of the run folder. Raises DamagedFileError when it is there but not JSON (truncated by a
+    full disk or a copy, edited by hand); a missing file stays a FileNotFoundError."""
+    text = Path(path).read_bytes()
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise DamagedFileError(path, f"{type(exc).__name__}: {exc}") from None
 
 
 def exchange(new: Path, old: Path) -> None:
@@ -160,7 +180,8 @@ def write_manifest(folder: Path) -> None:
 
 def verify(folder: Path) -> str | None:
     """None when the folder is a complete checkpoint or model whose files match its manifest, else why not.
-    Folders written before manifests existed are checked for their files and a readable train state."""
+    A folder without a manifest (written before manifests existed) is checked file by file instead
+    (`_unreadable`): nothing is trusted because it is there."""
     try:
         return _verify(Path(folder))
     except OSError as exc:  # removed or unreadable while we looked
@@ -169,29 +190,61 @@ def verify(folder: Path) -> str | None:
 
 def _verify(folder: Path) -> str | None:
     manifest_path = folder / MANIFEST_FILE
-    required = [STATE_FILE, WEIGHTS_FILE, CLASSES_FILE]
-    if manifest_path.is_file():
-        try:
-            manifest = read_json(manifest_path)
-        except (OSError, ValueError) as exc:
-            return f"{MANIFEST_FILE} cannot be read ({type(exc).__name__})"
-        required = list(manifest)
-    missing = [name for name in required if not (folder / name).is_file()]
+    if not manifest_path.is_file():
+        missing = [name for name in (STATE_FILE, WEIGHTS_FILE, CLASSES_FILE) if not (folder / name).is_file()]
+        if missing:
+            return f"missing {', '.join(missing)}"
+        return next(filter(None, (_unreadable(p) for p in sorted(folder.iterdir()) if p.is_file())), None)
+    try:
+        manifest = read_json(manifest_path)
+    except DamagedFileError as exc:
+        return f"{MANIFEST_FILE} cannot be read ({exc.why.split(':')[0]})"
+    missing = [name for name in manifest if not (folder / name).is_file()]
     if missing:
         return f"missing {', '.join(missing)}"
-    if manifest_path.is_file():
-        for name, entry in manifest.items():
-            size = (folder / name).stat().st_size
-            if size != entry["size"]:
-                return f"{name} has {size} bytes, {entry['size']} were written"
-            if _sha256(folder / name) != entry["sha256"]:
-                return f"{name} does not match its checksum"
-        return None
-    try:
-        read_json(folder / STATE_FILE)
-    except ValueError:
-        return f"{STATE_FILE} is not valid JSON"
+    for name, entry in manifest.items():
+        size = (folder / name).stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, {entry['size']} were written"
+        if _sha256(folder / name) != entry["sha256"]:
+            return f"{name} does not match its checksum"
     return None
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a file of a checkpoint without a manifest is not whole, judged from its format, or None."""
+    data = path.read_bytes()
+    if data.startswith(b"PK"):  # torch.save's zip archives (Accelerate's .bin and .pkl files)
+        whole = _whole_zip(data)
+    else:
+        whole = {".safetensors": _whole_safetensors, ".json": _whole_json}.get(path.suffix, lambda _: True)(data)
+    return None if whole else f"{path.name} is not a whole {path.suffix[1:]} file"
+
+
+def _whole_safetensors(data: bytes) -> bool:
+    """Its header (8 bytes of length, then JSON) says where the last tensor ends: the end of the file."""
+    length = int.from_bytes(data[:8], "little")
+    try:
+        header = json.loads(data[8:8 + length])
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False
+    return len(data) == 8 + length + end
+
+
+def _whole_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+        return True
+    except ValueError:
+        return False
+
+
+def _whole_zip(data: bytes) -> bool:
+    try:
+        return zipfile.ZipFile(io.BytesIO(data)).testzip() is None  # every member's CRC
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
 
 
 # ---------------------------------------------------------------- the folder
@@ -232,6 +285,23 @@ class RunDir:
     # -- what it holds
     def holds_run(self) -> bool:
         return self.split.is_file() or self.final_model.is_dir() or bool(self.checkpoint_folders())
+
+    def holds_only_a_start(self) -> bool:
+        """It holds the start of a run (split.json) and nothing the run made: no checkpoint, final model or
+        metrics. What a run leaves that failed or was killed before its first checkpoint."""
+        return self.split.is_file() and not (self.final_model.exists() or self.checkpoint_folders()
+                                             or self.metrics.exists())
+
+    def missing_report(self) -> list[str]:
+        """What the results of a finished run lack: metrics.json (or one that cannot be read) and the report's
+        files."""
+        missing = [p.name for p in (self.metrics, *report_files(self.path).values()) if not p.is_file()]
+        if self.metrics.is_file():
+            try:
+                read_json(self.metrics)
+            except DamagedFileError:
+                missing.insert(0, f"{METRICS_FILE} (damaged)")
+        return missing
 
     def checkpoint(self, step: int) -> Path:
         """The checkpoint saved after global step `step`."""
@@ -317,7 +387,7 @@ class RunDir:
         try:
             owner = read_json(self.path / LOCK_FILE)
             return f"host {owner['host']}, pid {owner['pid']}, since {owner['started']}"
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, DamagedFileError, KeyError, TypeError):  # empty until the owner writes it
             return "a process that has not yet said who it is"
 
     def abandon(self) -> None:

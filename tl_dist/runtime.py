@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import pickle
 import platform
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Imports of torch and Accelerate are inside the functions that use them: the options' checks
@@ -106,6 +107,45 @@ def accelerate_launch(num_processes: int, config_file: Path | str, mixed_precisi
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
             "--num_machines", "1", "--num_processes", str(num_processes), "--main_process_port", str(port),
             "--mixed_precision", mixed_precision, str(TRAIN_SCRIPT)]
+
+
+def together(work: Callable[[], object], folder: Path) -> list:
+    """Run `work()` on every process and return what each returned, by process index. When it failed on any
+    process, every process raises: run_dir.DiskFullError(folder) when one ran out of space in `folder`, else
+    the failure itself (the others a copy of it). So processes stop together, each with the error that
+    main() reports, instead of waiting in their next collective for one that is gone."""
+    from accelerate.utils import gather_object
+
+    from tl_dist.run_dir import DiskFullError, is_disk_full
+
+    result, error = None, None
+    try:
+        result = work()
+    except Interrupted:  # a signal: every process that got it stops on its own
+        raise
+    except Exception as exc:  # noqa: BLE001 - every process must hear of it before anyone raises
+        error = exc
+    shared = error
+    if error is not None:  # an error of this package already says what is wrong; another may be a full disk
+        ours = type(error).__module__.startswith("tl_dist.")
+        shared = DiskFullError(folder) if not ours and is_disk_full(error, folder) else _picklable(error)
+    outcomes = gather_object([(result, shared)])
+    failures = [e for _, e in outcomes if e is not None]
+    if not failures:
+        return [r for r, _ in outcomes]
+    if error is None:
+        raise next((e for e in failures if isinstance(e, DiskFullError)), failures[0])
+    if isinstance(shared, DiskFullError):
+        raise shared from error
+    raise error
+
+
+def _picklable(error: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - an exception that does not travel: its type and message do
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 # ---------------------------------------------------------------- stopping

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tl_dist.console import CommandParser, end_process
-from tl_dist.config import RUN_DEFINING, Config, parse_args
+from tl_dist.config import RUN_DEFINING, Config, as_saved, parse_args
 from tl_dist.runtime import EXIT_STOPPED
 from tl_dist.run_dir import RunDir, read_json, verify, write_text
 
@@ -330,7 +330,7 @@ def is_finished(folder: Path, cfg: Config) -> bool:
         return False
     saved = read_json(RunDir(folder).config)
     keys = set(RUN_DEFINING) | {"epochs", "max_steps", "val_fraction"}
-    return all(saved[k] == getattr(cfg, k) for k in keys if k in saved and hasattr(cfg, k))
+    return all(saved[k] == as_saved(getattr(cfg, k)) for k in keys if k in saved and hasattr(cfg, k))
 
 
 # ---------------------------------------------------------------- running

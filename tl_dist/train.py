@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from tl_dist.augment import AugmentOptions  # noqa: E402
-from tl_dist.checkpoint import SAVE_STEPS, CheckpointError, TrainState, load_weights, save_checkpoint, \
+from tl_dist.checkpoint import SAVE_STEPS, CheckpointError, TrainState, load_state, load_weights, save_checkpoint, \
     save_final_model  # noqa: E402
-from tl_dist.config import Config, RunFacts, build_parser, parse_args  # noqa: E402
+from tl_dist.config import Config, RunFacts, build_parser, check_memory, parse_args  # noqa: E402
 from tl_dist.console import RunConsole, end_process  # noqa: E402
 from tl_dist.data import DataError, GlobalBatchSampler  # noqa: E402
 from tl_dist.engine import Batches, LoopHooks, LoopSettings, Outcome, TrainLog, Training, evaluate, fit  # noqa: E402
@@ -39,10 +39,12 @@ from tl_dist.optim import build_optimizer  # noqa: E402
 from tl_dist.prepare import PreparedData, build_feature_store, feature_batches, image_batches, prepare_data, \
     training_batches  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
-from tl_dist.resume import ResumePlan, choose_run_dir, claim_run_dir, plan_resume, run_dir_of, with_saved_options  # noqa: E402
-from tl_dist.run_dir import RunDir, RunDirError, is_disk_full, read_json, write_json, write_text  # noqa: E402
+from tl_dist.resume import ResumePlan, check_classes, choose_run_dir, claim_run_dir, plan_resume, run_dir_of, \
+    with_saved_options  # noqa: E402
+from tl_dist.run_dir import DamagedFileError, DiskFullError, RunDir, RunDirError, is_disk_full, read_json, \
+    write_json, write_text  # noqa: E402
 from tl_dist.runtime import EXIT_STOPPED, Interrupted, StopRequest, build_accelerator, configure_threads, \
-    gradient_accumulation, stop_with_launcher  # noqa: E402
+    gradient_accumulation, stop_on_signals, stop_with_launcher  # noqa: E402
 from tl_dist.tracking import Tracker, resolve_mode, wandb_run  # noqa: E402
 
 USER_ERRORS = (DataError, WeightsError, CheckpointError, RunDirError)
@@ -96,13 +98,18 @@ class FineTune:
         self.run_dir = RunDir(choose_run_dir(cfg, accelerator))
 
     def run(self) -> int:
-        plan = self.plan(claim=True)
-        if plan.finished:
-            self.console.print(plan.finished)
-            return 0
-        s = self.setup(plan)
+        """The recipe. A signal outside training (set-up, the evaluations, the report) ends it with
+        runtime.Interrupted, which main() turns into the stop code and one line; in training, fit() saves a
+        checkpoint first."""
+        with stop_on_signals("setting up"):
+            plan = self.plan(claim=True)
+            if plan.finished:
+                self.console.print(plan.finished)
+                return 0
+            s = self.setup(plan)
         if s.state.baseline is None:
-            s.state.baseline, _ = self.evaluate(s, "baseline", step=0)
+            with stop_on_signals("evaluating before fine-tuning"):
+                s.state.baseline, _ = self.evaluate(s, "baseline", step=0)
         outcome = self.train(s)
         if outcome is not Outcome.FINISHED:
             s.tracker.finish()
@@ -110,9 +117,13 @@ class FineTune:
             self.console.print(f"stopped; continue with --resume auto --output-dir {self.run_dir}")
             return EXIT_STOPPED
         if outcome is Outcome.DIVERGED:
+            kept = self.run_dir.latest()
+            self.console.print(f"the last good checkpoint is {kept}" if kept else
+                               "no checkpoint was saved before it: the run has nothing to resume from")
             return 1
-        metrics, outputs = self.evaluate(s, "finetuned", step=s.state.global_step)
-        self.save_and_report(s, metrics, outputs)
+        with stop_on_signals("evaluating and saving the fine-tuned model"):
+            metrics, outputs = self.evaluate(s, "finetuned", step=s.state.global_step)
+            self.save_and_report(s, metrics, outputs)
         return 0
 
     def evaluate_only(self) -> int:
@@ -120,6 +131,7 @@ class FineTune:
         eval/<model>/ in the run folder, so a finished run's metrics and report stay as they are."""
         plan = self.plan(claim=False)
         data = prepare_data(plan.cfg, self.accelerator, self.console, self.run_dir, self.threads)
+        check_classes(plan.checkpoint, data.index.classes, plan.cfg.data_dir)
         model = self._model(plan, data)
         load_weights(model, plan.checkpoint)
         model = self.accelerator.prepare(model)
@@ -135,9 +147,17 @@ class FineTune:
                 "checkpoint": str(plan.checkpoint), "num_processes": self.accelerator.num_processes}})
             write_report(report, folder, test_images, data.test_files(), self.console.warn)
         self.accelerator.wait_for_everyone()
-        baseline = read_json(self.run_dir.metrics).get("baseline") if self.run_dir.metrics.is_file() else None
+        baseline = self._baseline_of_run()
         print_summary(self.console, report, baseline, metrics, folder)
         return 0
+
+    def _baseline_of_run(self) -> dict | None:
+        """The baseline in the run's metrics.json, to compare with; None (and a warning) when it is damaged."""
+        try:
+            return read_json(self.run_dir.metrics).get("baseline") if self.run_dir.metrics.is_file() else None
+        except DamagedFileError as exc:
+            self.console.warn(f"warning: {exc}; the summary leaves out the baseline")
+            return None
 
     def cleanup(self) -> None:
         self.console.stop_progress()
@@ -147,8 +167,8 @@ class FineTune:
     def plan(self, claim: bool) -> ResumePlan:
         """Claim the run folder (a training run; --eval-only only reads it), then decide what a --resume
         continues or evaluates, with the options adjusted to it (`plan.cfg`)."""
-        if claim:
-            claim_run_dir(self.run_dir, self.accelerator, resume=self.cfg.resume is not None)
+        if claim and (again := claim_run_dir(self.run_dir, self.accelerator, self.cfg)):
+            self.console.print(again)
         plan = plan_resume(self.cfg, self.saved, self.run_dir, self.accelerator.num_processes,
                            gradient_accumulation(self.cfg), self.accelerator.mixed_precision, self.console.warn)
         if plan.note:
@@ -156,24 +176,29 @@ class FineTune:
         return plan
 
     def setup(self, plan: ResumePlan) -> Setup:
+        """Everything the run needs, checked before the run folder gets its first file: the data and split,
+        the checkpoint's classes, the network, the features. So a failure here leaves the folder as it was."""
         cfg, accelerator = plan.cfg, self.accelerator
         data = prepare_data(cfg, accelerator, self.console, self.run_dir, self.threads)
+        if plan.checkpoint is not None:
+            check_classes(plan.checkpoint, data.index.classes, cfg.data_dir)
         model = self._model(plan, data)
-        self._write_run_start(cfg, data)  # the data and the weights are known to be good: the run starts here
+        if plan.report_only:  # the final model: weights only, nothing left to train
+            load_weights(model, plan.checkpoint)
         # The same global batches for any number of processes (data.GlobalBatchSampler), with each image's
         # mixing partner when images are mixed.
         sampler = GlobalBatchSampler(len(data.train_rows), cfg.batch_size, accelerator.num_processes,
                                      accelerator.process_index, cfg.seed, gradient_accumulation(cfg),
                                      partners=AugmentOptions.from_config(cfg).mixes)
         settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.checkpoint_every_epochs, cfg.checkpoint_every_steps,
-                                cfg.max_skipped_steps, cfg.log_every, cfg.seed)
+                                cfg.max_skipped_steps, cfg.seed)
         optimizer, scheduler, lr = build_optimizer(cfg, model, accelerator.num_processes, accelerator.device,
                                                    settings.total_steps(sampler.steps_per_epoch))
         training = Training(accelerator, *accelerator.prepare(model, optimizer, scheduler))
         batches, features = self._batches(cfg, data, training.model, sampler)
         state = plan.state or TrainState()
-        if plan.checkpoint is not None:
-            accelerator.load_state(str(plan.checkpoint))  # model, optimizer, scheduler, every RNG
+        if plan.checkpoint is not None and not plan.report_only:
+            load_state(accelerator, plan.checkpoint)  # model, optimizer, scheduler, every RNG
             self.console.print(f"resumed from {plan.checkpoint} at epoch {state.epoch + 1}, step {state.global_step}")
         facts = RunFacts(
             num_processes=accelerator.num_processes, gradient_accumulation_resolved=gradient_accumulation(cfg),
@@ -185,9 +210,8 @@ class FineTune:
             std=list(model.std))
         tracker = Tracker(accelerator, self.run_dir, self.wandb_mode)
         s = Setup(cfg, data, training, settings, batches, features, state, tracker, facts)
+        self._write_run_start(s)  # everything is known to be good: the run starts here
         tracker.start(wandb_run(cfg, default_name=self.run_dir.path.name), s.run_config)
-        if accelerator.is_main_process:
-            write_json(self.run_dir.config, s.run_config)
         self.console.print(facts.describe(cfg.batch_size))
         return s
 
@@ -221,15 +245,22 @@ class FineTune:
         split = SplitBatches(train, batches(data.val_rows), batches(data.test_rows))
         return split, features
 
-    def _write_run_start(self, cfg: Config, data: PreparedData) -> None:
-        """The owner's name in the lock, the split (a new run's), the files that could not be decoded."""
+    def _write_run_start(self, s: Setup) -> None:
+        """The owner's name in the lock, the options (config.json), the split (a new run's), the files that
+        could not be decoded."""
+        bad = s.data.bad
         if self.accelerator.is_main_process:
             self.run_dir.record_owner()
+            write_json(self.run_dir.config, s.run_config)
             if not self.run_dir.split.is_file():
-                write_json(self.run_dir.split, data.split_record(cfg))
-            if data.bad:
-                write_text(self.run_dir.skipped, "".join(f"{f}\t{why}\n" for f, why in data.bad.items()))
+                write_json(self.run_dir.split, s.data.split_record(s.cfg))
+            if bad:
+                write_text(self.run_dir.skipped, "".join(f"{f}\t{why}\n" for f, why in bad.items()))
         self.accelerator.wait_for_everyone()
+        if bad:
+            first = ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
+            self.console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
+                              f"{self.run_dir.skipped}): {first}" + (" ..." if len(bad) > 10 else ""))
 
     # ---- evaluate, train, save
     def evaluate(self, s: Setup, prefix: str, step: int) -> tuple[dict, dict]:
@@ -265,7 +296,7 @@ class FineTune:
 
     def _save_checkpoint(self, s: Setup) -> None:
         with self.console.phase("saving checkpoint", SAVE_STEPS, unit="steps") as progress:
-            folder = save_checkpoint(self.accelerator, self.run_dir, s.state, s.data.index.classes,
+            folder = save_checkpoint(self.accelerator, self.run_dir, s.state, s.data.index.classes, s.run_config,
                                      s.cfg.keep_checkpoints, on_step=progress.advance)
         self.console.print(f"checkpoint: {folder}")
 
@@ -307,9 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     exit_if_unsupported_setup()  # DeepSpeed, FSDP, Megatron-LM, XLA: refused before anything is written
     try:
         cfg, saved = with_saved_options(parse_args(argv))  # a resume: the run's own options
-    except RunDirError as exc:
+    except USER_ERRORS as exc:
         RunConsole(True).error(str(exc))
         return 1
+    check_memory(cfg)
     wandb_mode, wandb_note = resolve_mode(cfg.wandb_mode)
     tracking = wandb_mode != "disabled" and not cfg.eval_only
     if tracking and importlib.util.find_spec("wandb") is None:
@@ -322,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             accelerator = build_accelerator(cfg, "wandb" if tracking else None)
         except ValueError as exc:
             build_parser().error(str(exc))
-        console = RunConsole(accelerator.is_main_process)
+        console = RunConsole(accelerator.is_main_process, every_s=cfg.log_every)
         if wandb_note and tracking and accelerator.is_main_process:
             console.print(f"W&B: {wandb_note}; sync later with `wandb sync "
                           f"{os.environ.get('WANDB_DIR') or run_dir_of(cfg) or 'runs/<run>'}/wandb/offline-run-*`")
@@ -332,24 +364,39 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         (console or RunConsole(True)).error(str(exc))
         return 1
-    except Interrupted as exc:  # in a phase with nothing to checkpoint: what it wrote is removed
-        resume = " with --resume auto" if cfg.output_dir and cfg.resume is None else ""
-        (console or RunConsole(True)).print(f"stopped by {exc}; no partial file is left. To continue, run the same "
-                                            f"command{resume} again.")
+    except Interrupted as exc:  # outside training: nothing to checkpoint, and what was being written is removed
+        started = recipe is not None and recipe.run_dir.holds_run()
+        again = (f"Continue with --resume auto --output-dir {recipe.run_dir}." if started else
+                 "To continue, run the same command again.")
+        (console or RunConsole(True)).print(f"stopped by {exc}; no partial file is left. {again}")
         return EXIT_STOPPED
     except Exception as exc:
-        folder = recipe.run_dir if recipe is not None else None
-        if folder is None or not is_disk_full(exc, folder.path):
+        if (message := disk_full_message(exc, cfg, recipe)) is None:
             raise
-        (console or RunConsole(True)).error(
-            f"the disk is full: a write in {folder} failed for lack of space; nothing partial was kept. The last "
-            f"complete checkpoint is {folder.latest() or 'none'}. Free some space, then run again with --resume auto.")
+        (console or RunConsole(True)).error(message)
         return 1
     finally:
         if recipe is not None:
             recipe.cleanup()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # else gloo can abort the process at exit
+
+
+def disk_full_message(exc: Exception, cfg: Config, recipe: FineTune | None) -> str | None:
+    """The one line for a write that failed for lack of space, in the run folder or in --cache-dir (None when
+    `exc` is something else): the same line for both, with what to do next."""
+    run_dir = recipe.run_dir if recipe is not None else None
+    folders = ([run_dir.path] if run_dir is not None else []) + [Path(cfg.cache_dir)]
+    folder = (Path(exc.filename) if isinstance(exc, DiskFullError) else
+              next((f for f in folders if is_disk_full(exc, f)), None))
+    if folder is None:
+        return None
+    if run_dir is not None and folder == run_dir.path:
+        then = f"The last complete checkpoint is {run_dir.latest() or 'none'}. Free some space, then run again with " \
+               "--resume auto."
+    else:
+        then = "Free some space (python -m tl_dist.cache prune trims --cache-dir), then run the same command again."
+    return f"the disk is full: a write in {folder} failed for lack of space; nothing partial was kept. {then}"
 
 
 def cli() -> None:
