@@ -279,10 +279,11 @@ def test_ctrl_c_and_kill_9_of_a_two_process_sweep(tmp_path):
     wait_for(lambda: checkpoints(run)[-1] > after_ctrl_c, proc, tmp_path / "2.log")
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 60
     while processes_naming(str(run)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert processes_naming(str(run)) == [], "training processes outlived the killed sweep"
+    # They stopped because the sweep died (a checkpoint, no final model), not because their training ended.
+    assert processes_naming(str(run)) == [] and not (run / "model").exists(), "processes outlived the sweep"
     assert "continuing" in (tmp_path / "2.log").read_text()
 
     proc = start_sweep(args, tmp_path / "3.log")

@@ -104,7 +104,7 @@ class TrialRunner:
 
     def _child(self, claim: Claim, env: dict[str, str]) -> int:
         cfg = check_options(claim.argv, claim.folder.name)
-        precision = cfg.mixed_precision or ("bf16" if _cuda() else "no")
+        precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or ("bf16" if _cuda() else "no")
         cmd = accelerate_launch(self.num_processes, self.accelerate_config, precision) + claim.argv
         child = subprocess.Popen(cmd, env={**os.environ, **env}, pass_fds=(claim.lock.fd,),
                                  preexec_fn=_own_group_dying_with_parent)
