@@ -321,9 +321,10 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
     long_file.write_text("name: slurm-long\nmethod: grid\nparameters:\n  lr: {values: [0.02]}\n")
     long_out = root / "long"
     # 96 px: steps slow enough that the run is still training when the signal comes on an idle machine
-    long_id = sweep_job(slurm_cluster, root, long_file, "0", "long", env, *train_args(
-        image_tree, root / "cache-long", "--epochs", str(SIGNAL_EPOCHS), "--freeze", "none", "--checkpoint-every-epochs",
-        "0", "--checkpoint-every-steps", "5", "--image-size", "96", "--output-dir", str(long_out)), hold=True)
+    long_options = train_args(image_tree, root / "cache-long", "--epochs", str(SIGNAL_EPOCHS), "--freeze", "none",
+                              "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--image-size", "96",
+                              "--output-dir", str(long_out))
+    long_id = sweep_job(slurm_cluster, root, long_file, "0", "long", env, *long_options, hold=True)
     long_task = Job(slurm_cluster, f"{long_id}_0", long_out / "00", root / f"long-{long_id}_0.out")
     return sweep_file, out, tasks, env, long_task, options
 
@@ -338,7 +339,8 @@ def test_a_sweep_array_shares_one_study_each_task_taking_other_configurations(sw
         text = task.text()
         assert f"array task {i} of job {task.id.split('_')[0]}" in text, task.diagnose()
         assert "a worker of sweep" in text and "1 process(es) per run" in text and "exited with code 0" in text
-    started = {name: [i for i, task in enumerate(tasks) if f"] {name}: starting" in task.text()] for name in SWEEP_FOLDERS}
+    started = {name: [i for i, task in enumerate(tasks) if f"] {name}: starting" in task.text()]
+               for name in SWEEP_FOLDERS}
     assert sorted(len(by) for by in started.values()) == [1, 1, 1, 1], started
     assert {i for by in started.values() for i in by} == {0, 1}, started  # both workers took configurations
     for name, lr in zip(SWEEP_FOLDERS, (0.05, 0.03, 0.02, 0.01)):

@@ -432,8 +432,8 @@ def test_bayes_finds_a_narrow_optimum_better_than_random(tmp_path):
         sweep_file = folder / "s.yaml"
         sweep_file.write_text(f"name: s\nmethod: {method}\nrun_cap: 20\nmetric: {{name: val/loss, goal: minimize}}\n"
                               "parameters:\n  lr: {distribution: log_uniform_values, min: 0.00001, max: 100}\n")
-        plan = plan_sweep(spec.read_sweep(sweep_file), folder / "out", ["--seed", str(seed), "--val-fraction", "0.1",
-                                                                        "--model", "vgg_tiny", "--weights", "none"], None)
+        options = ["--seed", str(seed), "--val-fraction", "0.1", "--model", "vgg_tiny", "--weights", "none"]
+        plan = plan_sweep(spec.read_sweep(sweep_file), folder / "out", options, None)
         study, tried = SweepStudy.open(plan, None), []
         while (claim := study.claim()) is not None:
             tried.append((objective(claim.options["lr"]), claim.options["lr"]))
@@ -487,8 +487,8 @@ def test_summary_reads_the_validation_block_of_metrics_json(tmp_path):
     per-epoch history; summary.csv takes the final numbers."""
     from tl_dist.sweep.outcome import run_metrics
 
-    saved = {"val": {"loss": 0.7, "accuracy": 0.75, "top5_accuracy": 1.0,
-                     "history": [{"epoch": 1, "loss": 0.9, "accuracy": 0.5}, {"epoch": 2, "loss": 0.7, "accuracy": 0.75}]},
+    history = [{"epoch": 1, "loss": 0.9, "accuracy": 0.5}, {"epoch": 2, "loss": 0.7, "accuracy": 0.75}]
+    saved = {"val": {"loss": 0.7, "accuracy": 0.75, "top5_accuracy": 1.0, "history": history},
              "test": {"loss": 0.8, "accuracy": 0.7, "top5_accuracy": 0.95}, "train": {"epoch_loss": [1.2, 0.6]}}
     assert run_metrics(saved) == {"val/loss": 0.7, "val/accuracy": 0.75, "val/top5_accuracy": 1.0,
                                   "test/loss": 0.8, "test/accuracy": 0.7, "test/top5_accuracy": 0.95,
@@ -502,7 +502,8 @@ def test_summary_reads_the_validation_block_of_metrics_json(tmp_path):
     with open(summary.write_summary(sweep, tmp_path, rows), newline="") as f:
         (row,) = csv.DictReader(f)
     assert {k: row[k] for k in ("rank", "lr", "val_accuracy", "val_loss", "test_accuracy", "train_loss")} == {
-        "rank": "1", "lr": "0.1", "val_accuracy": "0.75", "val_loss": "0.7", "test_accuracy": "0.7", "train_loss": "0.6"}
+        "rank": "1", "lr": "0.1", "val_accuracy": "0.75", "val_loss": "0.7", "test_accuracy": "0.7",
+        "train_loss": "0.6"}
 
 
 # ---------------------------------------------------------------- the sweep file
@@ -663,8 +664,8 @@ BAD = {
     **{f"W&B's {name}": (f"method: random\nrun_cap: 2\nparameters:\n  lr: {{distribution: {name}}}\n",
                          f"parameter lr: distribution {name} has no counterpart in Optuna")
        for name in spec.NO_COUNTERPART},
-    "q_log_uniform": ("method: random\nrun_cap: 2\nparameters:\n  lr: {distribution: q_log_uniform, min: -5, max: -1}\n",
-                      "q_log_uniform has no counterpart in Optuna"),
+    "q_log_uniform": ("method: random\nrun_cap: 2\nparameters:\n  lr: {distribution: q_log_uniform, min: -5, "
+                      "max: -1}\n", "q_log_uniform has no counterpart in Optuna"),
     "q_log_uniform_values with q 2": ("method: random\nrun_cap: 2\nparameters:\n  epochs: {distribution: "
                                       "q_log_uniform_values, min: 2, max: 64, q: 2}\n",
                                       "has a counterpart only with q 1"),

@@ -327,8 +327,9 @@ class SweepStudy:
                     "index": index, "run_folder": folder_name(self.sweep, index, params)})
 
     def _queue_retries(self) -> None:
+        """Queue once more each configuration whose latest attempt failed, unless its run got to its end."""
         for config in self.configurations():
-            if config.trial.state == TrialState.FAIL:
+            if config.trial.state == TrialState.FAIL and read_run(config.folder).status not in ("finished", "pruned"):
                 attrs = {k: v for k, v in config.trial.user_attrs.items() if k not in ("exit_code", "error")}
                 self.study.enqueue_trial(config.trial.params, user_attrs={**attrs, "retry_of": config.trial.number})
 
@@ -338,29 +339,45 @@ class SweepStudy:
         while fewer than the sweep's count of configurations have started. None when there is none."""
         with folder_lock(self.folder):
             trials = self.study.get_trials(deepcopy=False)
-            for trial in (t for t in trials if t.state == TrialState.RUNNING):
-                lock = TrialLock(self.folder, trial.user_attrs["index"])
-                if lock.take():
-                    return self._claim(trial, lock, adopted=True)
-            started = {t.user_attrs["index"] for t in trials if t.state != TrialState.WAITING}
-            waiting = [t for t in trials if t.state == TrialState.WAITING]
-            for trial in waiting:
-                retry, index = "retry_of" in trial.user_attrs, trial.user_attrs["index"]
-                lock = TrialLock(self.folder, index)
-                if (retry or index < self.plan.count) and lock.take():
-                    if self.store.set_trial_state_values(self._trial_id(trial.number), TrialState.RUNNING):
-                        return self._claim(trial, lock, adopted=False)
-                    lock.release()
-            if self.sweep.method == "bayes" and not waiting and len(started) < self.plan.count:
-                index = 1 + max((t.user_attrs.get("index", -1) for t in trials), default=-1)
-                lock = TrialLock(self.folder, index)
-                if lock.take():
-                    trial = self.study.ask()
-                    params = suggest(trial, self.sweep.space)
-                    trial.set_user_attr("index", index)
-                    trial.set_user_attr("run_folder", folder_name(self.sweep, index, params))
-                    return self._claim(self.store.get_trial(self._trial_id(trial.number)), lock, adopted=False)
+            for trial in trials:  # asked for by a worker that died before it gave it an index: it has no run
+                if "index" not in trial.user_attrs and trial.state == TrialState.RUNNING:
+                    self.study.tell(trial.number, state=TrialState.FAIL)
+            trials = _indexed(trials)
+            return self._interrupted(trials) or self._queued(trials) or self._new(trials)
+
+    def _interrupted(self, trials: list[FrozenTrial]) -> Claim | None:
+        for trial in (t for t in trials if t.state == TrialState.RUNNING):
+            lock = TrialLock(self.folder, trial.user_attrs["index"])
+            if lock.take():
+                return self._claim(trial, lock, adopted=True)
         return None
+
+    def _queued(self, trials: list[FrozenTrial]) -> Claim | None:
+        for trial in (t for t in trials if t.state == TrialState.WAITING):
+            retry, index = "retry_of" in trial.user_attrs, trial.user_attrs["index"]
+            lock = TrialLock(self.folder, index)
+            if (retry or index < self.plan.count) and lock.take():
+                if self.store.set_trial_state_values(self._trial_id(trial.number), TrialState.RUNNING):
+                    return self._claim(trial, lock, adopted=False)
+                lock.release()
+        return None
+
+    def _new(self, trials: list[FrozenTrial]) -> Claim | None:
+        """Bayes: a configuration chosen from the results so far, when nothing queued waits (study.ask would take
+        a queued trial first)."""
+        started = {t.user_attrs["index"] for t in trials if t.state != TrialState.WAITING}
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        if self.sweep.method != "bayes" or waiting or len(started) >= self.plan.count:
+            return None
+        index = 1 + max((t.user_attrs["index"] for t in trials), default=-1)
+        lock = TrialLock(self.folder, index)
+        if not lock.take():
+            return None
+        trial = self.study.ask()
+        params = suggest(trial, self.sweep.space)
+        trial.set_user_attr("index", index)
+        trial.set_user_attr("run_folder", folder_name(self.sweep, index, params))
+        return self._claim(self.store.get_trial(self._trial_id(trial.number)), lock, adopted=False)
 
     def _claim(self, trial: FrozenTrial, lock: TrialLock, adopted: bool) -> Claim:
         folder = self.folder / trial.user_attrs["run_folder"]
@@ -380,7 +397,8 @@ class SweepStudy:
 
     def lingering(self) -> list[int]:
         """Configurations still RUNNING whose worker on this host has ended while processes it started finish."""
-        return [t.user_attrs["index"] for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        running = _indexed(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        return [t.user_attrs["index"] for t in running
                 if TrialLock(self.folder, t.user_attrs["index"]).held_by_gone_worker()]
 
     # -- the outcome
@@ -413,7 +431,7 @@ class SweepStudy:
     def configurations(self) -> list[Configuration]:
         """Every configuration with its latest attempt, by index."""
         latest: dict[int, FrozenTrial] = {}
-        for trial in self.study.get_trials(deepcopy=False):
+        for trial in _indexed(self.study.get_trials(deepcopy=False)):
             latest[trial.user_attrs["index"]] = trial  # trials come in number order: the latest wins
         found = []
         for index in sorted(latest):
@@ -424,3 +442,7 @@ class SweepStudy:
                                        self.sweep.options(params), held))
         return found
 
+
+def _indexed(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that belong to a configuration (all but one asked for by a worker that died at once)."""
+    return [t for t in trials if "index" in t.user_attrs]
