@@ -222,13 +222,13 @@ def test_sigterm_stops_the_sweep_with_a_checkpoint_and_the_same_command_continue
     rest."""
     data = make_image_tree(tmp_path / "data")
     sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text("name: stop\nmethod: grid\nparameters:\n  max-steps: {values: [160, 8]}\n")
+    sweep_file.write_text("name: stop\nmethod: grid\nparameters:\n  max-steps: {values: [80, 8]}\n")
     out, log = tmp_path / "sweep", tmp_path / "sweep.log"
     args = sweep_args(sweep_file, out, data, tmp_path / "cache", "--epochs", "20", "--freeze", "none",
                       "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--wandb-mode", "disabled",
                       "--log-every", "1")
     proc = start_sweep(args, log)
-    first = out / "00-max_steps=160"
+    first = out / "00-max_steps=80"
     wait_for(lambda: checkpoints(first), proc, log)
     # Paused while the signal arrives, so that it is still training however late this test sees the checkpoint.
     os.kill(proc.pid, signal.SIGSTOP)
@@ -236,18 +236,18 @@ def test_sigterm_stops_the_sweep_with_a_checkpoint_and_the_same_command_continue
     os.kill(proc.pid, signal.SIGCONT)
     assert proc.wait(timeout=300) == 75, log.read_text()[-3000:]
     printed = log.read_text()
-    assert "[1/2] 00-max_steps=160: stopped" in printed and "stop requested (SIGTERM)" in printed
-    assert "the sweep stopped (00-max_steps=160 stopped); run the same command again" in printed
+    assert "[1/2] 00-max_steps=80: stopped" in printed and "stop requested (SIGTERM)" in printed
+    assert "the sweep stopped (00-max_steps=80 stopped); run the same command again" in printed
     assert "[2/2]" not in printed.split("stopped (")[0] and not (out / "01-max_steps=8").exists()
     stopped = int(re.search(r"saving\s+a\s+checkpoint\s+at\s+step\s+(\d+)", printed).group(1))
-    assert 5 <= stopped < 160 and not (first / "model").exists() and not (first / "STOP").exists()
+    assert 5 <= stopped < 80 and not (first / "model").exists() and not (first / "STOP").exists()
     assert [t.state.name for t in study_trials(out, "stop")] == ["RUNNING", "WAITING"]
 
     again = run_module(args, module="tl_dist.sweep")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "[1/2] 00-max_steps=160: continuing" in again.stdout and "[2/2] 01-max_steps=8: starting" in again.stdout
-    assert re.search(rf"resumed\s+from\s+\S*00-max_steps=160/checkpoints/step_{stopped}\s", again.stdout)
-    assert [read_metrics(out / n)["train"]["global_step"] for n in ("00-max_steps=160", "01-max_steps=8")] == [160, 8]
+    assert "[1/2] 00-max_steps=80: continuing" in again.stdout and "[2/2] 01-max_steps=8: starting" in again.stdout
+    assert re.search(rf"resumed\s+from\s+\S*00-max_steps=80/checkpoints/step_{stopped}\s", again.stdout)
+    assert [read_metrics(out / n)["train"]["global_step"] for n in ("00-max_steps=80", "01-max_steps=8")] == [80, 8]
     assert [r["status"] for r in read_summary(out)] == ["finished", "finished"]
     assert [t.state.name for t in study_trials(out, "stop")] == ["COMPLETE", "COMPLETE"]
 
@@ -262,7 +262,7 @@ def test_ctrl_c_and_kill_9_of_a_two_process_sweep(tmp_path):
     sweep_file.write_text("name: kill\nmethod: random\nrun_cap: 2\nparameters:\n"
                           "  lr: {distribution: log_uniform_values, min: 0.01, max: 0.05}\n")
     out = tmp_path / "sweep"
-    args = sweep_args(sweep_file, out, data, tmp_path / "cache", "--num-processes", "2", "--epochs", "40",
+    args = sweep_args(sweep_file, out, data, tmp_path / "cache", "--num-processes", "2", "--epochs", "30",
                       "--freeze", "none", "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "4",
                       "--wandb-mode", "disabled", "--log-every", "1")
     proc = start_sweep(args, tmp_path / "1.log")
@@ -273,7 +273,7 @@ def test_ctrl_c_and_kill_9_of_a_two_process_sweep(tmp_path):
     printed = (tmp_path / "1.log").read_text()
     assert printed.count("stop requested (SIGINT)") == 1 and "KeyboardInterrupt" not in printed, printed[-3000:]
     after_ctrl_c = checkpoints(run)[-1]
-    assert 4 <= after_ctrl_c < 160 and "the sweep stopped (SIGINT)" in printed
+    assert 4 <= after_ctrl_c < 120 and "the sweep stopped (SIGINT)" in printed
 
     proc = start_sweep(args, tmp_path / "2.log")
     wait_for(lambda: checkpoints(run)[-1] > after_ctrl_c, proc, tmp_path / "2.log")
@@ -293,7 +293,7 @@ def test_ctrl_c_and_kill_9_of_a_two_process_sweep(tmp_path):
     assert len({t.params["lr"] for t in trials}) == 2 and len(list(out.glob("0*"))) == 2
     for folder in out.glob("0*"):  # 32 training images, a global batch of 8: 4 steps an epoch, each trained once
         metrics = read_metrics(folder)
-        assert metrics["train"]["global_step"] == 160 and len(metrics["train"]["epoch_loss"]) == 40
+        assert metrics["train"]["global_step"] == 120 and len(metrics["train"]["epoch_loss"]) == 30
         assert metrics["train"]["num_processes"] == 2
     resumed = re.findall(r"resumed\s+from\s+\S*/checkpoints/step_(\d+)", (tmp_path / "3.log").read_text())
     assert len(resumed) == 1 and int(resumed[0]) >= after_ctrl_c

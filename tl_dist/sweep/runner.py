@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tl_dist.run_dir import RunDir
 from tl_dist.runtime import EXIT_STOPPED, accelerate_launch, die_with_parent, reset_accelerate_state
-from tl_dist.sweep.pruning import TrialAddress
+from tl_dist.sweep.outcome import read_run
 from tl_dist.sweep.spec import SweepError, check_options
 from tl_dist.sweep.study import Claim, SweepStudy
 
@@ -97,7 +97,10 @@ class TrialRunner:
             return 1
         finally:
             for name, value in saved.items():
-                os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
             reset_accelerate_state()
             gc.collect()  # the run's network, optimizer and batches, before the next trial builds its own
             _empty_cuda_cache()
@@ -177,31 +180,37 @@ def check_validation(argv: list[str], objective: str) -> None:
 def run_worker(study: SweepStudy, runner: TrialRunner, say: Callable[[str], None]) -> dict[int, str]:
     """Take trials from the study and train them until none is left, or a signal or a stopped run stops the
     sweep (`runner.signals.stopped`). Returns {configuration index: status} of the trials this worker ran."""
-    statuses, signals, plan = {}, runner.signals, study.plan
+    statuses, signals = {}, runner.signals
     while not signals.stopped:
         claim = study.claim() or _after_lingering(study, say)
         if claim is None:
             break
         try:
-            label = f"[{claim.index + 1}/{plan.count}] {claim.folder.name}"
-            run = RunDir(claim.folder)
-            say(f"{label}: {'continuing' if run.holds_run() else 'starting'} in {claim.folder}")
-            check_validation(claim.argv, plan.objective)
-            address = TrialAddress(study.storage, study.study.study_name, claim.number, plan.objective,
-                                   (plan.sweep.pruning.min_epochs, plan.sweep.pruning.eta)
-                                   if plan.sweep.pruning else None)
-            tic = time.perf_counter()
-            code = runner.run(claim, address.to_env()) if not signals.stopped else EXIT_STOPPED
-            statuses[claim.index] = study.record(claim, code, stopped=signals.stopped is not None)
-            say(f"{label}: {statuses[claim.index]} ({time.perf_counter() - tic:.1f} s)")
-            if statuses[claim.index] == "stopped":
-                signals.stopped = signals.stopped or f"{claim.folder.name} stopped"  # by a signal it got itself
+            statuses[claim.index] = run_trial(study, runner, claim, say)
         except SweepError as exc:
             statuses[claim.index] = study.fail(claim, str(exc))
             raise
         finally:
             claim.lock.release()
+        if statuses[claim.index] == "stopped":
+            signals.stopped = signals.stopped or f"{claim.folder.name} stopped"  # by a signal it got itself
     return statuses
+
+
+def run_trial(study: SweepStudy, runner: TrialRunner, claim: Claim, say: Callable[[str], None]) -> str:
+    """One trial this worker holds: trained (or only recorded, when its run ended as its last worker died),
+    then told to the study. Returns its status."""
+    label = f"[{claim.index + 1}/{study.plan.count}] {claim.folder.name}"
+    say(f"{label}: {'continuing' if RunDir(claim.folder).holds_run() else 'starting'} in {claim.folder}")
+    check_validation(claim.argv, study.plan.objective)
+    tic = time.perf_counter()
+    if runner.signals.stopped or (claim.adopted and read_run(claim.folder).status in ("finished", "pruned")):
+        code = EXIT_STOPPED
+    else:
+        code = runner.run(claim, study.address(claim).to_env())
+    status = study.record(claim, code, stopped=runner.signals.stopped is not None)
+    say(f"{label}: {status} ({time.perf_counter() - tic:.1f} s)")
+    return status
 
 
 def _after_lingering(study: SweepStudy, say: Callable[[str], None]) -> Claim | None:

@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tl_dist.config import RUN_DEFINING, Config
 from tl_dist.runtime import EXIT_STOPPED
 from tl_dist.sweep.outcome import read_run
+from tl_dist.sweep.pruning import TrialAddress
 from tl_dist.sweep.spec import TRAIN_LOSS, Sweep, SweepError, check_options, folder_name, option_argv
 
 JOURNAL_FILE = "study.journal"
@@ -394,6 +395,12 @@ class SweepStudy:
     def _trial_id(self, number: int) -> int:
         study_id = self.store.get_study_id_from_name(self.study.study_name)
         return self.store.get_trial_id_from_study_id_trial_number(study_id, number)
+
+    def address(self, claim: Claim) -> TrialAddress:
+        """What the trial's training run needs to report its validation metric to this study."""
+        pruning = self.sweep.pruning
+        return TrialAddress(self.storage, self.study.study_name, claim.number, self.plan.objective,
+                            (pruning.min_epochs, pruning.eta) if pruning else None)
 
     def lingering(self) -> list[int]:
         """Configurations still RUNNING whose worker on this host has ended while processes it started finish."""
