@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 
 def run_sweep(work: Path, name: str, text: str, a, seed: int) -> tuple[float, float, dict]:
-    """One sweep: (wall seconds, best validation accuracy, trials by state)."""
+    """One sweep: (wall seconds, best validation accuracy, trials by state and the epochs they trained)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -47,9 +47,10 @@ def run_sweep(work: Path, name: str, text: str, a, seed: int) -> tuple[float, fl
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(
         JournalFileBackend(str(out / "study.journal"))))
-    states, best = {}, study.best_value
+    states, best = {"epochs": 0}, study.best_value
     for trial in study.trials:
         states[trial.state.name] = states.get(trial.state.name, 0) + 1
+        states["epochs"] += len(trial.intermediate_values) or a.epochs  # a run without pruning reports nothing
     shutil.rmtree(out)  # the run folders' models: keep the disk small
     return wall, best, states
 
@@ -63,7 +64,8 @@ def early_termination(work: Path, a) -> None:
     print(f"1. {a.trials} random trials, {a.epochs} epochs each at most:")
     for label, (wall, best, states) in (("with early_terminate", pruned), ("each to the end", full)):
         print(f"   {label:22s} {wall:7.1f} s, best val/accuracy {best:.2%}, trials {states}")
-    print(f"   wall time {pruned[0] / full[0]:.2f}x; best val/accuracy {pruned[1]:.2%} against {full[1]:.2%}")
+    print(f"   wall time {pruned[0] / full[0]:.2f}x, epochs trained {pruned[2]['epochs'] / full[2]['epochs']:.2f}x; "
+          f"best val/accuracy {pruned[1]:.2%} against {full[1]:.2%}")
 
 
 def bayes_against_random(work: Path, a) -> None:

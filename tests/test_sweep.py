@@ -213,6 +213,25 @@ def test_the_summary_command_and_the_same_command_again_run_nothing(grid_sweep):
     assert len(study_trials(out, "lr-epochs")) == 4
 
 
+def test_run_folders_do_not_depend_on_runs(tmp_path):
+    """`--runs 1` first, then the whole grid: the first configuration keeps its folder and its finished run,
+    and only the others train."""
+    data = make_image_tree(tmp_path / "data")
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("name: runs\nmethod: grid\nparameters:\n  lr: {values: [0.05, 0.02, 0.01]}\n")
+    out = tmp_path / "sweep"
+    args = sweep_args(sweep_file, out, data, tmp_path / "cache", "--max-steps", "2", "--wandb-mode", "disabled")
+    first = run_module([*args, "--runs", "1"], module="tl_dist.sweep")
+    assert first.returncode == 0 and "[1/1] 00-lr=0.05: starting" in first.stdout, first.stderr[-3000:]
+    finished = (out / "00-lr=0.05" / "metrics.json").stat().st_mtime_ns
+    rest = run_module(args, module="tl_dist.sweep")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert "00-lr=0.05: starting" not in rest.stdout and "[2/3] 01-lr=0.02: starting" in rest.stdout
+    assert (out / "00-lr=0.05" / "metrics.json").stat().st_mtime_ns == finished
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["00-lr=0.05", "01-lr=0.02", "02-lr=0.01"]
+    assert [r["status"] for r in read_summary(out)] == ["finished"] * 3
+
+
 # ---------------------------------------------------------------- stopping, continuing, sharing
 
 

@@ -81,7 +81,7 @@ class Sweep:
     pruning: Pruning | None = None
     project: str | None = None
     entity: str | None = None
-    notes: tuple[str, ...] = ()  # what the file asks that this runner does not do
+    notes: tuple[str, ...] = ()  # how the file is read where it leaves a choice (a metric without a goal)
     identity: str = ""  # what defines the search (method, parameters, metric, early_terminate), as JSON
 
     @property
