@@ -25,17 +25,20 @@ class RunOutcome:
         return f"pruned after epoch {self.epoch}" if self.status == "pruned" else self.status
 
 
-def read_run(folder: Path) -> RunOutcome:
+def read_run(folder: Path, just_ended: bool = False) -> RunOutcome:
     """Finished: its metrics.json is written and its final model verifies. Pruned: its latest checkpoint says
     so (a pruned run writes no final model). Unfinished: it holds a run (a split, checkpoints). Empty: not
-    started. A file that cannot be read makes the run unfinished (`--resume auto` then deals with it)."""
+    started. A file that cannot be read makes the run unfinished (`--resume auto` then deals with it).
+    `just_ended`: the caller saw the run end well, after it verified what it wrote: the checksums of its model
+    and checkpoint (gigabytes for VGG16) are not computed again."""
     run_dir = RunDir(folder)
-    if run_dir.metrics.is_file() and run_dir.config.is_file() and verify(run_dir.final_model) is None:
+    model_ok = run_dir.final_model.is_dir() if just_ended else verify(run_dir.final_model) is None
+    if run_dir.metrics.is_file() and run_dir.config.is_file() and model_ok:
         try:
             return RunOutcome("finished", run_metrics(read_json(run_dir.metrics)))
         except (OSError, ValueError) as exc:
             return RunOutcome("unfinished", damaged=f"{run_dir.metrics}: {type(exc).__name__}")
-    checkpoint = run_dir.latest()
+    checkpoint = (run_dir.checkpoint_folders() or [None])[-1] if just_ended else run_dir.latest()
     if checkpoint is not None and checkpoint != run_dir.final_model:
         try:
             state = read_json(checkpoint / STATE_FILE)

@@ -35,7 +35,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from tl_dist.config import RUN_DEFINING, Config
-from tl_dist.runtime import EXIT_STOPPED
+from tl_dist.runtime import EXIT_PRUNED, EXIT_STOPPED
 from tl_dist.sweep.outcome import read_run
 from tl_dist.sweep.pruning import TrialAddress
 from tl_dist.sweep.spec import TRAIN_LOSS, Sweep, SweepError, check_options, folder_name, option_argv
@@ -412,7 +412,7 @@ class SweepStudy:
     def record(self, claim: Claim, exit_code: int, stopped: bool) -> str:
         """Tell the study how the trial ended, as its run folder says: finished (its metric), pruned, stopped
         (it stays RUNNING, to be resumed) or failed. Returns that status, as summary.csv shows it."""
-        run = read_run(claim.folder)
+        run = read_run(claim.folder, just_ended=exit_code in (0, EXIT_PRUNED))
         if run.status == "finished":
             value = run.metrics.get(self.study.user_attrs["objective"])
             if value is None:  # the study cannot rank it; summary.csv shows what it has
