@@ -278,15 +278,14 @@ def test_ctrl_c_and_kill_9_of_a_two_process_sweep(tmp_path):
     with it. The same command then finishes with exactly run_cap trials, none run twice."""
     data = make_image_tree(tmp_path / "data")
     sweep_file = tmp_path / "s.yaml"
-    sweep_file.write_text("name: kill\nmethod: random\nrun_cap: 2\nparameters:\n"
-                          "  lr: {distribution: log_uniform_values, min: 0.01, max: 0.05}\n")
+    sweep_file.write_text("name: kill\nmethod: grid\nrun_cap: 2\nparameters:\n  max-steps: {values: [120, 8, 4]}\n")
     out = tmp_path / "sweep"
     args = sweep_args(sweep_file, out, data, tmp_path / "cache", "--num-processes", "2", "--epochs", "30",
                       "--freeze", "none", "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "4",
                       "--wandb-mode", "disabled", "--log-every", "1")
     proc = start_sweep(args, tmp_path / "1.log")
-    wait_for(lambda: list(out.glob("00-*/checkpoints/step_*/train_state.json")), proc, tmp_path / "1.log")
-    (run,) = out.glob("00-*")
+    run = out / "00-max_steps=120"
+    wait_for(lambda: checkpoints(run), proc, tmp_path / "1.log")
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=300) == 75, (tmp_path / "1.log").read_text()[-3000:]
     printed = (tmp_path / "1.log").read_text()
@@ -307,12 +306,12 @@ def test_ctrl_c_and_kill_9_of_a_two_process_sweep(tmp_path):
 
     proc = start_sweep(args, tmp_path / "3.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "3.log").read_text()[-3000:]
-    trials = study_trials(out, "kill")
+    trials = study_trials(out, "kill")  # run_cap 2 of the grid's 3
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
-    assert len({t.params["lr"] for t in trials}) == 2 and len(list(out.glob("0*"))) == 2
-    for folder in out.glob("0*"):  # 32 training images, a global batch of 8: 4 steps an epoch, each trained once
+    assert sorted(p.name for p in out.glob("0*")) == ["00-max_steps=120", "01-max_steps=8"]
+    for folder, steps in ((run, 120), (out / "01-max_steps=8", 8)):  # 32 images, global batch 8: 4 steps an epoch
         metrics = read_metrics(folder)
-        assert metrics["train"]["global_step"] == 120 and len(metrics["train"]["epoch_loss"]) == 30
+        assert metrics["train"]["global_step"] == steps and len(metrics["train"]["epoch_loss"]) == steps // 4
         assert metrics["train"]["num_processes"] == 2
     resumed = re.findall(r"resumed\s+from\s+\S*/checkpoints/step_(\d+)", (tmp_path / "3.log").read_text())
     assert len(resumed) == 1 and int(resumed[0]) >= after_ctrl_c
