@@ -281,13 +281,17 @@ def test_a_failed_job_log_ends_with_the_training_error(slurm_jobs):
 
 # ---------------------------------------------------------------- a sweep as a job array
 
+# Two long configurations first (the whole network trains): each worker takes one of them, however late the
+# other starts. Then two with a frozen backbone, whose features one worker computes and the other reuses.
 SWEEP = """\
 name: slurm-grid
 method: grid
 parameters:
-  lr: {values: [0.05, 0.03, 0.02, 0.01]}
+  freeze: {values: [none, features]}
+  lr: {values: [0.01, 0.005]}
 """
-SWEEP_FOLDERS = ["00-lr=0.05", "01-lr=0.03", "02-lr=0.02", "03-lr=0.01"]
+SWEEP_FOLDERS = ["00-freeze=none,lr=0.01", "01-freeze=none,lr=0.005", "02-freeze=features,lr=0.01",
+                 "03-freeze=features,lr=0.005"]
 
 
 def sweep_job(cluster: SlurmCluster, root: Path, sweep_file: Path, array: str, name: str, env: dict,
@@ -310,8 +314,7 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
     env["SLURM_CONF"] = str(slurm_cluster.conf)
     env["HF_HOME"] = str(write_user_default_config(root / "hf_home"))
     out = root / "sweep"
-    # Runs of a few seconds (the whole network trains), so that both workers are at work before the grid is taken.
-    options = train_args(image_tree, root / "cache", "--epochs", "6", "--freeze", "none", "--output-dir", str(out))
+    options = train_args(image_tree, root / "cache", "--epochs", "16", "--output-dir", str(out))
     array_id = sweep_job(slurm_cluster, root, sweep_file, "0-1", "sweep", env, *options)
     tasks = [Job(slurm_cluster, f"{array_id}_{i}", out, root / f"sweep-{array_id}_{i}.out") for i in range(2)]
 
@@ -331,8 +334,8 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
 
 def test_a_sweep_array_shares_one_study_each_task_taking_other_configurations(sweep_array):
     """Two array tasks, two workers of one study: each configuration trains once, in one of them (both take
-    some), every run finishes, the images are decoded once for all four, and the summary command ranks them. A
-    task submitted again finds nothing left and trains nothing."""
+    some), every run finishes, the frozen backbone's features are computed once for the two runs that use
+    them, and the summary command ranks them. A task submitted again finds nothing left and trains nothing."""
     sweep_file, out, tasks, env, _, options = sweep_array
     for i, task in enumerate(tasks):
         task.assert_completed()
@@ -343,13 +346,16 @@ def test_a_sweep_array_shares_one_study_each_task_taking_other_configurations(sw
                for name in SWEEP_FOLDERS}
     assert sorted(len(by) for by in started.values()) == [1, 1, 1, 1], started
     assert {i for by in started.values() for i in by} == {0, 1}, started  # both workers took configurations
-    for name, lr in zip(SWEEP_FOLDERS, (0.05, 0.03, 0.02, 0.01)):
+    assert started[SWEEP_FOLDERS[0]] != started[SWEEP_FOLDERS[1]], started
+    for name, (freeze, lr) in zip(SWEEP_FOLDERS, (("none", 0.01), ("none", 0.005), ("features", 0.01),
+                                                 ("features", 0.005))):
         metrics = read_metrics(out / name)
-        assert metrics["config"]["lr"] == lr and metrics["train"]["global_step"] == 8 * 6  # 32 images, batch 4
+        assert (metrics["config"]["freeze"], metrics["config"]["lr"]) == (freeze, lr)
+        assert metrics["train"]["global_step"] == 8 * 16  # 32 images, batch 4, 16 epochs
         (run,) = wandb_reader.run_dirs(out / name / "wandb")
         record = next(r.run for r in wandb_reader.records(run) if r.WhichOneof("record_type") == "run")
         assert record.run_group == "slurm-grid"
-    assert sum(task.text().count("decoding 40 images once") for task in tasks) == 1, [t.diagnose() for t in tasks]
+    assert sum(task.text().count("features: reused") for task in tasks) == 1, [t.diagnose() for t in tasks]
 
     proc = subprocess.run([sys.executable, "-m", "tl_dist.sweep", str(sweep_file), "--summary", "--output-dir",
                            str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
