@@ -9,12 +9,17 @@
    after another: its total against one cold run.
 3. Peak resident memory of one training process that trains a linear head for one epoch on 10k, 50k and
    200k synthetic feature rows read from disk (StoredFeatures), against holding the rows in memory.
+4. A sweep's fixed cost per trial (`--only sweep`, `--classes` real classes of --data-dir, all their images):
+   a cold run and a second run with another --lr, each a fresh `python -m tl_dist.train`, beside a sweep whose
+   trials run one after another in its own process: its second trial against the cold run, and a 4-trial grid
+   (lr 0.001/0.003 x 3/5 epochs, --val-fraction 0.2) on a cold cache against one cold run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -23,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def run(args: list[str]) -> float:
@@ -50,6 +56,46 @@ def runs(a, work: Path) -> None:
     grid = time.perf_counter() - tic
     print(f"2. 4-configuration grid on the warm cache {grid:.1f} s = {grid / cold:.2f}x one cold run "
           f"(the article's loop would pay 4x its full cost)")
+
+
+def sweep(work: Path, name: str, grid: str, base: list[str]) -> tuple[float, list[float]]:
+    """`python -m tl_dist.sweep` over `grid` (YAML parameters): its wall time and each trial's seconds."""
+    sweep_file = work / f"{name}.yaml"
+    sweep_file.write_text(f"name: {name}\nmethod: grid\nparameters:\n{grid}")
+    tic = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tl_dist.sweep", str(sweep_file), "--output-dir", str(work / name),
+                           *base], cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - tic
+    if proc.returncode != 0:
+        raise SystemExit(f"sweep failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return wall, [float(s) for s in re.findall(r"^\[\d+/\d+\] \S+: finished \(([\d.]+) s\)", proc.stdout, re.M)]
+
+
+def sweeps(a, work: Path) -> None:
+    from tl_dist.data import find_image_root
+
+    data = work / "data"
+    data.mkdir()
+    for folder in sorted(p for p in find_image_root(Path(a.data_dir)).iterdir() if p.is_dir())[:a.classes]:
+        (data / folder.name).symlink_to(folder.resolve())
+    images = sum(1 for p in data.glob("*/*") if p.is_file())
+
+    def base(cache: str) -> list[str]:
+        return ["--data-dir", str(data), "--cache-dir", str(work / cache), "--weights", "none", "--model", a.model,
+                "--image-size", str(a.image_size), "--checkpoint-every-epochs", "0", "--wandb-mode", "disabled"]
+
+    print(f"4. {a.classes} classes, {images} images, {a.model} at {a.image_size} px, 5 epochs:")
+    cold = run([*base("cache-runs"), "--output-dir", str(work / "cold")])
+    warm = run([*base("cache-runs"), "--output-dir", str(work / "warm"), "--lr", "0.002"])
+    print(f"   fresh processes: cold run {cold:.1f} s, second run (another --lr, features reused) {warm:.1f} s: "
+          f"{cold / warm:.2f}x faster")
+    wall, (first, second) = sweep(work, "two", "  lr: {values: [0.001, 0.002]}\n", base("cache-two"))
+    print(f"   a sweep of 2 trials on a cold cache, {wall:.1f} s: trial 1 {first:.1f} s, trial 2 (features reused) "
+          f"{second:.1f} s: {cold / second:.2f}x faster than the cold run ({first / second:.2f}x its own first trial)")
+    wall, trials = sweep(work, "grid", "  lr: {values: [0.001, 0.003]}\n  epochs: {values: [3, 5]}\n",
+                         [*base("cache-grid"), "--val-fraction", "0.2"])
+    print(f"   a 4-trial grid on a cold cache {wall:.1f} s (trials {', '.join(f'{t:.1f}' for t in trials)} s) = "
+          f"{wall / cold:.2f}x one cold run")
 
 
 CHILD = r"""
@@ -118,7 +164,8 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dim", type=int, default=4096, help="feature width of the synthetic rows (part 3)")
     p.add_argument("--max-memory-gb", type=float, default=4.0, help="skip in-memory runs above this")
-    p.add_argument("--only", choices=("runs", "memory"), default=None)
+    p.add_argument("--classes", type=int, default=10, help="real classes of --data-dir for part 4 (all their images)")
+    p.add_argument("--only", choices=("runs", "memory", "sweep"), default=None)
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tl_dist-reuse-"))
     print(f"work folder {work}; {resource.getpagesize()} B pages")
@@ -126,6 +173,8 @@ def main() -> None:
         runs(a, work)
     if a.only in (None, "memory"):
         memory(a, work)
+    if a.only in (None, "sweep"):
+        sweeps(a, work)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = REPO.parent / "shared" / "data" / "caltech-101-mini"
 sys.path.insert(0, str(Path(__file__).parent))  # tests/wandb_reader.py
 sys.path.insert(0, str(REPO))  # in-process tests import this checkout's tl_dist, installed or not
+from tl_dist.runtime import reset_accelerate_state  # noqa: E402
 
 # Collected first: the Slurm tests mostly wait on their jobs, and these files run longest. Under the README's
 # `pytest -n 2 --dist loadfile` they then overlap the others instead of running alone at the end.
@@ -120,14 +121,6 @@ def tiny_args(data_dir: Path, out: Path, cache: Path, *extra: str) -> list[str]:
 
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
-
-
-def reset_accelerate_state() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 def train_in_process(args: list[str], env: dict | None = None) -> int:

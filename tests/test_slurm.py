@@ -8,8 +8,9 @@ gloo. The four jobs are submitted together and run side by side:
    one W&B run id from start to end and no training step logged twice;
 4. a user error (a missing --data-dir) with 2 processes: the job fails and its log ends with the training's
    one `error:` line (repeated by the script after torchrun's report);
-5. launch/slurm_sweep.sbatch as a 2-task job array: one configuration per task, each a finished run in its
-   own folder, collected by `python -m tl_dist.sweep ... --summary` (submitted on its own).
+5. launch/slurm_sweep.sbatch as a 2-task job array: two workers of one Optuna study, each configuration
+   trained once by one of them, collected by `python -m tl_dist.sweep ... --summary`; and a worker's task
+   signalled with USR1, requeued, resuming its run (submitted on their own).
 
 All four are submitted with a user's Accelerate default config in place (HF_HOME, with `gpu_ids: '0'`,
 tests/accelerate_user_config.py): the scripts launch with the repository's configs, so it does not merge in.
@@ -280,20 +281,31 @@ def test_a_failed_job_log_ends_with_the_training_error(slurm_jobs):
 
 # ---------------------------------------------------------------- a sweep as a job array
 
+# Two long configurations first (the whole network trains): each worker takes one of them, however late the
+# other starts. Then two with a frozen backbone, whose features one worker computes and the other reuses.
 SWEEP = """\
 name: slurm-grid
 method: grid
 parameters:
-  lr: {values: [0.05, 0.01]}
-  epochs: {value: 1}
+  freeze: {values: [none, features]}
+  lr: {values: [0.01, 0.005]}
 """
+SWEEP_FOLDERS = ["00-freeze=none,lr=0.01", "01-freeze=none,lr=0.005", "02-freeze=features,lr=0.01",
+                 "03-freeze=features,lr=0.005"]
+
+
+def sweep_job(cluster: SlurmCluster, root: Path, sweep_file: Path, array: str, name: str, env: dict,
+              *options: str, hold: bool = False) -> str:
+    """sbatch of launch/slurm_sweep.sbatch: the array id (each task logs to <root>/<name>-<array>_<task>.out)."""
+    return cluster.sbatch(*(["--hold"] if hold else []), f"--array={array}", "--gpus-per-node=1", "--cpus-per-task=1",
+                          "--time=10", f"--output={root}/{name}-%A_%a.out", str(REPO / "launch" / "slurm_sweep.sbatch"),
+                          str(sweep_file), *options, cwd=REPO, env=env)
 
 
 @pytest.fixture(scope="session")
 def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
-    """launch/slurm_sweep.sbatch over a 2-configuration grid: `sbatch --array=0-1`, one configuration per
-    task (one process each), then the summary command. Submitted on its own (the other jobs' fixture is
-    not needed), so `-k sweep` runs it alone."""
+    """launch/slurm_sweep.sbatch as 2 workers (`sbatch --array=0-1`) of a 4-configuration grid, one process per
+    run. Submitted on its own (the other jobs' fixture is not needed), so `-k sweep` runs it alone."""
     root = tmp_path_factory.mktemp("slurm_sweep")
     sweep_file = root / "grid.yaml"
     sweep_file.write_text(SWEEP)
@@ -302,76 +314,70 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
     env["SLURM_CONF"] = str(slurm_cluster.conf)
     env["HF_HOME"] = str(write_user_default_config(root / "hf_home"))
     out = root / "sweep"
-    array_id = slurm_cluster.sbatch(
-        "--array=0-1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={root}/sweep-%A_%a.out",
-        str(REPO / "launch" / "slurm_sweep.sbatch"), str(sweep_file),
-        *train_args(image_tree, root / "cache", "--output-dir", str(out)), cwd=REPO, env=env)
+    options = train_args(image_tree, root / "cache", "--epochs", "16", "--output-dir", str(out))
+    array_id = sweep_job(slurm_cluster, root, sweep_file, "0-1", "sweep", env, *options)
     tasks = [Job(slurm_cluster, f"{array_id}_{i}", out, root / f"sweep-{array_id}_{i}.out") for i in range(2)]
 
-    # A long configuration (task 1 of a 2-configuration sweep, the only one submitted) for the signal test.
+    # A long sweep of one configuration, one worker, for the signal test; held until that test releases it: it
+    # must still be training when the signal comes.
     long_file = root / "long.yaml"
-    long_file.write_text(f"name: slurm-long\nmethod: grid\nparameters:\n  lr: {{values: [0.05, 0.02]}}\n"
-                         f"  epochs: {{value: {SIGNAL_EPOCHS}}}\n")
+    long_file.write_text("name: slurm-long\nmethod: grid\nparameters:\n  lr: {values: [0.02]}\n")
     long_out = root / "long"
-    # Held until its test releases it: it must still be training when that test sends the signal.
-    long_id = slurm_cluster.sbatch(
-        "--hold", "--array=1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={root}/long-%A_%a.out",
-        str(REPO / "launch" / "slurm_sweep.sbatch"), str(long_file),
-        # 96 px: steps slow enough that the run is still training when the signal comes on an idle machine
-        *train_args(image_tree, root / "cache-long", "--freeze", "none", "--checkpoint-every-epochs", "0",
-                    "--checkpoint-every-steps", "5", "--image-size", "96", "--output-dir", str(long_out)),
-        cwd=REPO, env=env)
-    long_task = Job(slurm_cluster, f"{long_id}_1", long_out / "01-lr=0.02", root / f"long-{long_id}_1.out")
-    return sweep_file, out, tasks, env, long_task
+    # 96 px: steps slow enough that the run is still training when the signal comes on an idle machine
+    long_options = train_args(image_tree, root / "cache-long", "--epochs", str(SIGNAL_EPOCHS), "--freeze", "none",
+                              "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--image-size", "96",
+                              "--output-dir", str(long_out))
+    long_id = sweep_job(slurm_cluster, root, long_file, "0", "long", env, *long_options, hold=True)
+    long_task = Job(slurm_cluster, f"{long_id}_0", long_out / "00", root / f"long-{long_id}_0.out")
+    return sweep_file, out, tasks, env, long_task, options
 
 
-def test_a_sweep_runs_as_a_job_array_one_configuration_per_task(sweep_array, image_tree):
-    sweep_file, out, tasks, env, _ = sweep_array
-    folders = [out / "00-lr=0.05", out / "01-lr=0.01"]
-    for i, (task, folder) in enumerate(zip(tasks, folders)):
+def test_a_sweep_array_shares_one_study_each_task_taking_other_configurations(sweep_array):
+    """Two array tasks, two workers of one study: each configuration trains once, in one of them (both take
+    some), every run finishes, the frozen backbone's features are computed once for the two runs that use
+    them, and the summary command ranks them. A task submitted again finds nothing left and trains nothing."""
+    sweep_file, out, tasks, env, _, options = sweep_array
+    for i, task in enumerate(tasks):
         task.assert_completed()
         text = task.text()
-        assert f"array task {i} of job {task.id.split('_')[0]}" in text and f"run folder {folder}" in text, task.diagnose()
-        assert "1 CPU process(es) (no CUDA device)" in text
-        assert "training exited with code 0" in text
-        metrics = read_metrics(folder)
-        assert metrics["config"]["lr"] == [0.05, 0.01][i] and metrics["config"]["epochs"] == 1
-        assert metrics["train"]["global_step"] == 8  # 32 training images at batch 4, one process
-        (run,) = wandb_reader.run_dirs(folder / "wandb")
+        assert f"array task {i} of job {task.id.split('_')[0]}" in text, task.diagnose()
+        assert "a worker of sweep" in text and "1 process(es) per run" in text and "exited with code 0" in text
+    started = {name: [i for i, task in enumerate(tasks) if f"] {name}: starting" in task.text()]
+               for name in SWEEP_FOLDERS}
+    assert sorted(len(by) for by in started.values()) == [1, 1, 1, 1], started
+    assert {i for by in started.values() for i in by} == {0, 1}, started  # both workers took configurations
+    assert started[SWEEP_FOLDERS[0]] != started[SWEEP_FOLDERS[1]], started
+    for name, (freeze, lr) in zip(SWEEP_FOLDERS, (("none", 0.01), ("none", 0.005), ("features", 0.01),
+                                                 ("features", 0.005))):
+        metrics = read_metrics(out / name)
+        assert (metrics["config"]["freeze"], metrics["config"]["lr"]) == (freeze, lr)
+        assert metrics["train"]["global_step"] == 8 * 16  # 32 images, batch 4, 16 epochs
+        (run,) = wandb_reader.run_dirs(out / name / "wandb")
         record = next(r.run for r in wandb_reader.records(run) if r.WhichOneof("record_type") == "run")
         assert record.run_group == "slurm-grid"
-    assert sorted(p.name for p in out.iterdir()) == [f.name for f in folders]
-    # The two tasks need the same frozen-backbone features: one computes them, the other (waiting on the
-    # features' lock if they ran at once) reuses them and says so in its Slurm output.
-    said = ["features: reused" in task.text() for task in tasks]
-    assert sorted(said) == [False, True], [task.diagnose() for task in tasks]
+    assert sum(task.text().count("features: reused") for task in tasks) == 1, [t.diagnose() for t in tasks]
 
-    # The summary command collects the array's runs.
     proc = subprocess.run([sys.executable, "-m", "tl_dist.sweep", str(sweep_file), "--summary", "--output-dir",
                            str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     with open(out / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     losses = {r["run_folder"]: read_metrics(r["run_folder"])["train"]["epoch_loss"][-1] for r in rows}
-    assert [r["run_folder"] for r in rows] == sorted(map(str, folders), key=losses.get)
-    assert [(r["rank"], r["status"]) for r in rows] == [("1", "finished"), ("2", "finished")]
+    assert [r["run_folder"] for r in rows] == sorted(map(str, (out / n for n in SWEEP_FOLDERS)), key=losses.get)
+    assert [(r["rank"], r["status"]) for r in rows] == [(str(i), "finished") for i in range(1, 5)]
 
-    # A task run again (a requeue after its run finished) finds its configuration finished and trains nothing.
-    again = tasks[0].cluster.sbatch(
-        "--array=0", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={out.parent}/again-%A_%a.out",
-        str(REPO / "launch" / "slurm_sweep.sbatch"), str(sweep_file),
-        *train_args(image_tree, out.parent / "cache", "--output-dir", str(out)), cwd=REPO, env=env)
+    again = sweep_job(tasks[0].cluster, out.parent, sweep_file, "0", "again", env, *options)
     task = Job(tasks[0].cluster, f"{again}_0", out, out.parent / f"again-{again}_0.out")
     task.assert_completed()
-    assert "array task 0: configuration 0 is finished already" in task.text(), task.diagnose()
+    assert "starting" not in task.text() and "exited with code 0" in task.text(), task.diagnose()
 
 
-def test_a_signalled_array_task_requeues_and_resumes_its_configuration(sweep_array):
-    """USR1 to one array task: its run checkpoints, the task requeues itself and, started again, resumes
-    that configuration's run from the checkpoint to the end."""
+def test_a_signalled_sweep_task_requeues_and_resumes_its_run(sweep_array):
+    """USR1 to the worker's task: its run checkpoints, the task requeues itself and, started again, its worker
+    takes the interrupted configuration over and resumes the run from that checkpoint to the end."""
     job = sweep_array[4]
     cluster = job.cluster
-    cluster.run("scontrol", "release", job.id)
+    cluster.run("scontrol", "release", job.id.split("_")[0])
     deadline = time.monotonic() + JOB_TIMEOUT
     while not list((job.out / "checkpoints").glob("step_*/train_state.json")):
         assert cluster.job(job.id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job.diagnose()
@@ -384,10 +390,9 @@ def test_a_signalled_array_task_requeues_and_resumes_its_configuration(sweep_arr
     cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now")
     assert job.assert_completed()["Restarts"] == "1"
     text = job.text()
-    assert "requeueing job" in text and "restart 1) on" in text, job.diagnose()
+    assert "requeueing job" in text and "restart 1) on" in text and "00: continuing" in text, job.diagnose()
     stopped = re.search(r"saving\s+a\s+checkpoint\s+at\s+step\s+(\d+)", text)
     assert stopped, job.diagnose()
-    assert re.search(rf"resumed\s+from\s+\S*01-lr=0.02/checkpoints/step_{stopped.group(1)}\s", text), job.diagnose()
+    assert re.search(rf"resumed\s+from\s+\S*/00/checkpoints/step_{stopped.group(1)}\s", text), job.diagnose()
     metrics = read_metrics(job.out)
     assert metrics["config"]["lr"] == 0.02 and metrics["train"]["global_step"] == 8 * SIGNAL_EPOCHS
-    assert not (job.out.parent / "00-lr=0.05").exists()  # the other configuration was not submitted

@@ -62,6 +62,7 @@ class TrainState:
     skipped_steps: int = 0  # fp16 steps skipped by the grad scaler
     baseline: dict | None = None  # test metrics before fine-tuning
     val_history: list[dict] = field(default_factory=list)  # validation metrics after each epoch
+    pruned: bool = False  # a sweep's pruner ended the run after `epoch` epochs
     finished: bool = False
 
     def count_step(self, loss: float, images: int, skipped_steps: int) -> None:

@@ -32,6 +32,7 @@ class Outcome(enum.Enum):
     FINISHED = "finished"  # trained to the end of --epochs (or --max-steps)
     STOPPED = "stopped"  # a signal or the STOP file: a checkpoint was saved, --resume auto continues
     DIVERGED = "diverged"  # a non-finite loss, or the fp16 grad scaler gave up: nothing saved after it
+    PRUNED = "pruned"  # a sweep's pruner ended the run after an epoch: a checkpoint was saved
 
 
 @dataclass
@@ -176,10 +177,10 @@ class Training:
 @dataclass
 class LoopHooks:
     """What the loop calls out to: the stop request it watches, the checkpoint it saves when one is due or a
-    stop is asked, and validation after each epoch."""
+    stop is asked, and validation after each epoch, which returns whether a sweep's pruner ends the run there."""
     stop: StopRequest
     save_checkpoint: Callable[[], None]
-    validate: Callable[[TrainState], None] | None = None
+    validate: Callable[[TrainState], bool] | None = None
 
 
 def train_step(training: Training, batches: Batches, micro_batches, global_images: int,
@@ -240,8 +241,14 @@ def fit(training: Training, batches: Batches, state: TrainState, settings: LoopS
                 state.end_epoch()
                 log.end_epoch(state)
                 if hooks.validate is not None:
-                    hooks.validate(state)
+                    pruned = hooks.validate(state) and not last  # a run that is done is not pruned
                     training.model.train()
+                    if pruned:
+                        state.pruned = True
+                        log.print(f"pruned by the sweep after epoch {state.epoch}: saving a checkpoint at step "
+                                  f"{state.global_step}")
+                        hooks.save_checkpoint()
+                        return Outcome.PRUNED
             if hooks.stop.requested():
                 accelerator.set_trigger()
             if accelerator.check_trigger():  # any process asked: all stop here, after the same step

@@ -24,6 +24,7 @@ from pathlib import Path
 # Imports of torch and Accelerate are inside the functions that use them: the options' checks
 # (config.py) call usable_cores, and `python -m tl_dist.sweep --count` must stay instant.
 EXIT_STOPPED = 75  # EX_TEMPFAIL: checkpointed on a signal or STOP file; run again with --resume auto
+EXIT_PRUNED = 76  # a sweep's pruner ended the run after an epoch, with a checkpoint: not a failure
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_SCRIPT = REPO / "tl_dist" / "train.py"
 LAUNCHER_GRACE_SECONDS = 20.0  # how long a worker whose launcher died may take to checkpoint and exit
@@ -62,6 +63,16 @@ def build_accelerator(cfg, log_with: str | None):
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
                        gradient_accumulation_plugin=accumulation,
                        dataloader_config=DataLoaderConfiguration(non_blocking=True))
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state (its singletons), so that another run in this process builds
+    its Accelerator afresh: what a sweep does between the runs it trains in its own process."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    PartialState._reset_state()
 
 
 def usable_cores() -> int:

@@ -144,6 +144,14 @@ class Tracker:
             print(f"warning: W&B could not log the model ({exc!r}); it is in {model_dir}", file=sys.stderr,
                   flush=True)
 
+    def mark(self, summary: dict, tag: str) -> None:
+        """Add `summary` to the W&B run's summary and `tag` to its tags (a sweep's pruned run)."""
+        if not (self.enabled and self.accelerator.is_main_process) or self.broken:
+            return
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run.summary.update(summary)
+        run.tags = (*run.tags, tag)
+
     def finish(self) -> None:
         """End the W&B run on the main process, then let all processes go on together: torchrun stops
         every worker as soon as one exits with an error (a stopped run exits with 75), which would cut

@@ -43,8 +43,9 @@ from tl_dist.resume import ResumePlan, check_classes, choose_run_dir, claim_run_
     with_saved_options  # noqa: E402
 from tl_dist.run_dir import DamagedFileError, DiskFullError, RunDir, RunDirError, is_disk_full, read_json, \
     write_json, write_text  # noqa: E402
-from tl_dist.runtime import EXIT_STOPPED, Interrupted, StopRequest, build_accelerator, configure_threads, \
-    gradient_accumulation, stop_on_signals, stop_with_launcher  # noqa: E402
+from tl_dist.runtime import EXIT_PRUNED, EXIT_STOPPED, Interrupted, StopRequest, build_accelerator, \
+    configure_threads, gradient_accumulation, stop_on_signals, stop_with_launcher  # noqa: E402
+from tl_dist.sweep.pruning import SweepTrial  # noqa: E402
 from tl_dist.tracking import Tracker, resolve_mode, wandb_run  # noqa: E402
 
 USER_ERRORS = (DataError, WeightsError, CheckpointError, RunDirError)
@@ -111,11 +112,15 @@ class FineTune:
             with stop_on_signals("evaluating before fine-tuning"):
                 s.state.baseline, _ = self.evaluate(s, "baseline", step=0)
         outcome = self.train(s)
+        if outcome is Outcome.PRUNED:
+            s.tracker.mark({"sweep/pruned_after_epoch": s.state.epoch}, tag="pruned")
         if outcome is not Outcome.FINISHED:
             s.tracker.finish()
         if outcome is Outcome.STOPPED:
             self.console.print(f"stopped; continue with --resume auto --output-dir {self.run_dir}")
             return EXIT_STOPPED
+        if outcome is Outcome.PRUNED:
+            return EXIT_PRUNED
         if outcome is Outcome.DIVERGED:
             kept = self.run_dir.latest()
             self.console.print(f"the last good checkpoint is {kept}" if kept else
@@ -278,21 +283,24 @@ class FineTune:
         return metrics, outputs
 
     def train(self, s: Setup) -> Outcome:
-        validate = (lambda state: self._validate(s, state)) if s.batches.val is not None else None
+        trial = SweepTrial.from_environment(self.accelerator)  # a sweep's trial that its pruner may end; else None
+        validate = (lambda state: self._validate(s, state, trial)) if s.batches.val is not None else None
         with StopRequest(self.run_dir.stop_file) as stop:
             hooks = LoopHooks(stop, lambda: self._save_checkpoint(s), validate)
             return fit(s.training, s.batches.train, s.state, s.settings, TrainLog(s.tracker, self.console, s.settings),
                        hooks)
 
-    def _validate(self, s: Setup, state: TrainState) -> None:
+    def _validate(self, s: Setup, state: TrainState, trial: SweepTrial | None) -> bool:
         """After each epoch: exact loss, accuracy and top-5 on the validation split, logged as val/* and kept
-        in the train state (so a resumed run has the whole history). The test split chooses nothing."""
+        in the train state (so a resumed run has the whole history). The test split chooses nothing. Returns
+        whether the sweep's pruner ends the run here."""
         metrics, _ = evaluate(self.accelerator, s.training.model, s.batches.val, s.data.index.classes, self.console)
         scores = {k: metrics[k] for k in ("loss", "accuracy", "top5_accuracy")}
         state.val_history.append({"epoch": state.epoch, "global_step": state.global_step, **scores})
         s.tracker.log({f"val/{k}": v for k, v in scores.items()}, step=state.global_step)
         self.console.print(f"epoch {state.epoch}: validation loss {scores['loss']:.4f}, accuracy "
                            f"{scores['accuracy']:.2%}")
+        return trial is not None and trial.should_prune(state.epoch, scores)
 
     def _save_checkpoint(self, s: Setup) -> None:
         with self.console.phase("saving checkpoint", SAVE_STEPS, unit="steps") as progress:
