@@ -215,7 +215,9 @@ def test_a_recipe_gives_its_values_and_given_options_win(tmp_path):
     (["--optimizer", "adamw", "--momentum", "0.5"], "argument --momentum: SGD's; adamw has none"),
     (["--probe-epochs", "2"], "argument --probe-epochs: the probe trains the classifier block before"),
     (["--recipe", "finetune", "--epochs", "1"], "--warmup-epochs: must be 0 or more and below --epochs (1), got 1.0 "
-                                                "(the finetune recipe's; pass a smaller one)"),
+                                                "(the finetune recipe's value; pass your own)"),
+    (["--recipe", "lp-ft", "--freeze", "features"], "argument --probe-epochs (the lp-ft recipe's value; pass your "
+                                                    "own): the probe trains the classifier block before"),
     (["--label-smoothing", "1"], "argument --label-smoothing: must be in [0, 1), got 1.0"),
     (["--ema-decay", "-0.1"], "argument --ema-decay: must be in [0, 1)"),
     (["--backbone-lr-scale", "0"], "argument --backbone-lr-scale: must be positive"),

@@ -372,15 +372,19 @@ def _check_recipe_options(parser: argparse.ArgumentParser, cfg: Config) -> None:
     if cfg.probe_lr is not None and not 0 < cfg.probe_lr < 3e38:
         parser.error(f"argument --probe-lr: must be positive and below 3e38, got {cfg.probe_lr}")
     if not 0.0 <= cfg.warmup_epochs < cfg.epochs:
-        source = "" if "warmup_epochs" in cfg.given else f" (the {cfg.recipe} recipe's; pass a smaller one)"
         parser.error(f"argument --warmup-epochs: must be 0 or more and below --epochs ({cfg.epochs}), got "
-                     f"{cfg.warmup_epochs}{source}")
-    if "momentum" in cfg.given and cfg.optimizer != "sgd":
+                     f"{cfg.warmup_epochs}{_from_recipe(cfg, 'warmup_epochs')}")
+    if cfg.optimizer != "sgd" and cfg.momentum != Config.momentum:  # a run's own config.json holds the default
         parser.error(f"argument --momentum: SGD's; {cfg.optimizer} has none (drop --momentum, or pass "
                      "--optimizer sgd)")
     if cfg.probe_epochs and cfg.freeze == "features":
-        parser.error("argument --probe-epochs: the probe trains the classifier block before the rest of the "
-                     "network trains; pass --freeze none or last:N with it")
+        parser.error(f"argument --probe-epochs{_from_recipe(cfg, 'probe_epochs')}: the probe trains the "
+                     "classifier block before the rest of the network trains; pass --freeze none or last:N")
+
+
+def _from_recipe(cfg: Config, name: str) -> str:
+    """Where a value that was not given came from, for an error message."""
+    return "" if name in cfg.given else f" (the {cfg.recipe} recipe's value; pass your own)"
 
 
 def _check_paths_and_workers(parser: argparse.ArgumentParser, cfg: Config) -> None:

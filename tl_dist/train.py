@@ -96,14 +96,20 @@ class Setup:
         """What the run delivers: the average of the weights with --ema-decay, else the weights."""
         return self.training.ema.model if self.training.ema is not None else self.training.model
 
-    def train_numbers(self) -> dict:
-        """What metrics.json says of the training."""
-        state = self.state
-        return {"epoch_loss": state.epoch_losses, "seconds": state.train_seconds,
-                "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
-                "global_step": state.global_step, "global_batch_size": self.facts.global_batch_size,
-                "lr": self.facts.effective_lr, "num_processes": self.facts.num_processes,
-                "skipped_steps": state.skipped_steps}
+    def metrics_record(self, test: dict, test_raw: dict | None) -> dict:
+        """What metrics.json holds: the test metrics before fine-tuning, after the LP-FT probe, of the final
+        model and (with --ema-decay) of the trained weights; the training; validation after every epoch."""
+        state, facts = self.state, self.facts
+        train = {"epoch_loss": state.epoch_losses, "seconds": state.train_seconds,
+                 "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
+                 "global_step": state.global_step, "global_batch_size": facts.global_batch_size,
+                 "lr": facts.effective_lr, "num_processes": facts.num_processes, "skipped_steps": state.skipped_steps}
+        record = {"baseline": state.baseline, "test": test, "train": train, "features": self.features,
+                  "skipped_files": sorted(self.data.bad), "config": self.run_config}
+        record.update({k: v for k, v in (("probe", state.probe), ("test_raw", test_raw)) if v is not None})
+        if state.val_history:  # the last epoch's numbers, and every epoch's
+            record["val"] = {**state.val_history[-1], "history": state.val_history}
+        return record
 
 
 class FineTune:
@@ -252,7 +258,8 @@ class FineTune:
         (the first 32 test images, the same for every number of processes). Returns the metrics and the
         gathered outputs."""
         classes = s.data.index.classes
-        metrics, outputs = evaluate(self.accelerator, model or s.training.model, s.batches.test, classes, self.console)
+        model = s.training.model if model is None else model
+        metrics, outputs = evaluate(self.accelerator, model, s.batches.test, classes, self.console)
         s.tracker.log({f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         n = min(32, len(outputs["labels"]))
         preds, labels = outputs["logits"][:n].argmax(1).tolist(), outputs["labels"][:n].tolist()
@@ -278,18 +285,20 @@ class FineTune:
                 self.start_phase(s, s.phase + 1)
 
     def _validate(self, s: Setup, state: TrainState) -> None:
-        """After each epoch: exact loss, accuracy and top-5 on the validation split, of the weights and of
-        their average (--ema-decay), logged as val/* and val_ema/* and kept in the train state (so a resumed
-        run has the whole history). The test split chooses nothing."""
+        """After each epoch: exact loss, accuracy and top-5 on the validation split, of the weights (val/*) and
+        of their average (val_ema/*, with --ema-decay), kept in the train state (so a resumed run has the whole
+        history). The test split chooses nothing."""
         record = {"epoch": state.epoch, "global_step": state.global_step}
-        models = {"val": s.training.model, "val_ema": s.training.ema and s.training.ema.model}
-        for prefix, model in ((p, m) for p, m in models.items() if m is not None):
+        models = [("val", "", "validation", s.training.model)]
+        if s.training.ema is not None:
+            models.append(("val_ema", "ema_", "validation, average of the weights,", s.training.ema.model))
+        for prefix, key, title, model in models:
             metrics, _ = evaluate(self.accelerator, model, s.batches.val, s.data.index.classes, self.console)
             scores = {k: metrics[k] for k in ("loss", "accuracy", "top5_accuracy")}
-            record.update({f"{'ema_' if prefix == 'val_ema' else ''}{k}": v for k, v in scores.items()})
+            record.update({key + k: v for k, v in scores.items()})
             s.tracker.log({f"{prefix}/{k}": v for k, v in scores.items()}, step=state.global_step)
-            self.console.print(f"epoch {state.epoch}: {prefix.replace('val', 'validation')} loss "
-                               f"{scores['loss']:.4f}, accuracy {scores['accuracy']:.2%}")
+            self.console.print(f"epoch {state.epoch}: {title} loss {scores['loss']:.4f}, accuracy "
+                               f"{scores['accuracy']:.2%}")
         state.val_history.append(record)
 
     def _save_checkpoint(self, s: Setup) -> None:
@@ -306,14 +315,8 @@ class FineTune:
         report = build_report(outputs, classes)  # the same on every process
         test_metrics["per_class"] = report.per_class()
         state.finished = True
-        metrics = {"baseline": state.baseline, "test": test_metrics, "train": s.train_numbers(),
-                   "features": s.features, "skipped_files": sorted(s.data.bad), "config": s.run_config}
-        if state.probe is not None:
-            metrics["probe"] = state.probe
-        if s.training.ema is not None:
-            metrics["test_raw"] = self.evaluate(s, "finetuned_raw", state.global_step, raw_model)[0]
-        if state.val_history:  # the last epoch's numbers, and every epoch's
-            metrics["val"] = {**state.val_history[-1], "history": state.val_history}
+        raw = self.evaluate(s, "finetuned_raw", state.global_step, raw_model)[0] if s.training.ema else None
+        metrics = s.metrics_record(test_metrics, raw)
         if self.accelerator.is_main_process:
             # metrics.json first: model/ is what marks the run finished, so a crash between the two
             # leaves a run that --resume auto completes rather than one without metrics.
