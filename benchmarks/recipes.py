@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import REPO, machine_description, write_section  # noqa: E402
@@ -65,7 +65,7 @@ ARMS = {  # the tl_dist arms; "timm" runs timm's train.py
     "finetune (preset lr)": ["--recipe", "finetune"],
     "finetune, lr 2e-3": ["--recipe", "finetune", "--lr", "2e-3"],
 }
-ORDER = ("bare", "timm", "finetune (preset lr)", "finetune, lr 2e-3", "+schedule", "+smoothing", "+ema", "+wd")
+ORDER = ("bare", "timm", "finetune, lr 2e-3", "+ema", "finetune (preset lr)", "+schedule", "+smoothing", "+wd")
 
 
 def measured(command: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float, float, tuple]:
@@ -114,22 +114,22 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
 
 
 def make_shapes(root: Path, per_class: int = 40, size: int = 64, seed: int = 0) -> Path:
-    """One folder per shape of `per_class` PNGs: a shape of random size (radius 8-24 px), position, tilt
-    (up to 15 degrees) and colour on a random background colour with noise and a slight blur."""
+    """One folder per shape of `per_class` PNGs: a shape of random size (radius 14-26 px), position (wholly
+    inside the image), tilt (up to 15 degrees) and colour on a random background colour with noise."""
     rng = np.random.default_rng(seed)
-    for label, shape in enumerate(SHAPES):
+    for shape in SHAPES:
         folder = root / shape
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             background = rng.integers(0, 256, 3)
-            pixels = np.clip(background + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            pixels = np.clip(background + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
             img = Image.fromarray(pixels)
-            r = rng.uniform(8, 24)
-            cx, cy = rng.uniform(r * 0.6, size - r * 0.6, 2)
-            colour = tuple(int(c) for c in (background + rng.integers(80, 176, 3)) % 256)
+            r = rng.uniform(14, 26)
+            cx, cy = rng.uniform(r, size - r, 2)
+            colour = tuple(int(c) for c in (background + rng.integers(96, 160, 3)) % 256)
             tilt = rng.uniform(-math.pi / 12, math.pi / 12)  # at most 15 degrees: a plus stays no cross
             draw_shape(ImageDraw.Draw(img), shape, cx, cy, r, tilt, colour)
-            img.filter(ImageFilter.GaussianBlur(0.6)).save(folder / f"{shape}_{i:03d}.png")
+            img.save(folder / f"{shape}_{i:03d}.png")
     return root
 
 
@@ -191,7 +191,7 @@ model = timm.create_model("resnet18", num_classes=8, checkpoint_path=sys.argv[2]
 model.eval()
 config = resolve_data_config({}, model=model)
 config["input_size"] = (3, int(sys.argv[3]), int(sys.argv[3]))
-loader = create_loader(create_dataset("", root=sys.argv[1]), batch_size=64, **config)
+loader = create_loader(create_dataset("", root=sys.argv[1]), batch_size=64, device=torch.device("cpu"), **config)
 correct = total = 0
 with torch.no_grad():
     for x, y in loader:
@@ -247,6 +247,7 @@ def parse_args(argv=None):
     p.add_argument("--arms", default=",".join(ORDER), help="the arms to run, in order, comma-separated (timm: "
                    "needs --timm-train)")
     p.add_argument("--work-dir", help="keep the data and runs here (default: a temporary folder)")
+    p.add_argument("--from-log", help="write the section from the result lines (JSON) a run printed, and stop")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "RESULTS.md"))
     return p.parse_args(argv)
 
@@ -254,10 +255,21 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     command = "python benchmarks/recipes.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.from_log:  # {"command", "when", "timm_version"} and one line per arm, as a run printed them
+        lines = [json.loads(line) for line in Path(a.from_log).read_text().splitlines() if line.startswith("{")]
+        head, runs = lines[0], lines[1:]
+        section = report(machine_description(), runs, head["when"], head["command"], head["timm_version"])
+        write_section(Path(a.results), "recipes-cpu", section)
+        print(section)
+        return 0
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="tl_dist-recipes-"))
     data = make_shapes(work / "shapes" / "caltech-101")
     started = datetime.datetime.now(datetime.timezone.utc)
-    runs, timm_version = [], None
+    timm_version = subprocess.run([a.timm_python, "-c", "import timm; print(timm.__version__)"], capture_output=True,
+                                  text=True).stdout.strip() if a.timm_train else None
+    print(json.dumps({"command": command, "when": f"{started:%Y-%m-%d %H:%M} UTC", "timm_version": timm_version}),
+          flush=True)
+    runs = []
     for name in a.arms.split(","):
         if name == "timm":
             if not a.timm_train:
@@ -265,8 +277,6 @@ def main(argv=None) -> int:
             split = json.loads(next((work / "runs").glob("*/split.json")).read_text())  # the same for every arm
             timm_folders(data, split, work / "timm-data")
             runs.append(run_timm(a, work / "timm-data", work))
-            timm_version = subprocess.run([a.timm_python, "-c", "import timm; print(timm.__version__)"],
-                                          capture_output=True, text=True).stdout.strip()
         else:
             runs.append(run_tl_dist(name, ARMS[name], data, work))
         print(json.dumps(runs[-1]), flush=True)

@@ -121,6 +121,9 @@ def test_weight_decay_spares_biases_norms_and_embeddings_and_the_backbone_trains
     assert {"class_token", "encoder.pos_embedding", "encoder.ln.weight",
             "encoder.layers.encoder_layer_0.ln_1.weight"} <= spared
     assert "encoder.layers.encoder_layer_0.mlp.0.weight" not in spared
+    # Neither option: one group, as the article's optimizer has (its checkpoints resume into it).
+    assert [g["name"] for g in parameter_groups(options("--freeze", "none"), model, 0.01)] == ["all"]
+    assert [g["name"] for g in parameter_groups(options("--weight-decay", "0.1"), model, 0.01)] == ["all", "all, no decay"]
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])

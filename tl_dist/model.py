@@ -228,8 +228,8 @@ def check_freeze(arch: str, freeze: str) -> str | None:
     the number of blocks of its feature extractor."""
     if freeze in ("features", "none"):
         return None
-    count = len(FAMILIES[family_name(arch)].blocks(_structure(arch))) if family_name(arch) in FAMILIES else 0
-    _, colon, number = freeze.partition(":")
+    count = len(FAMILIES[family_name(arch)].blocks(_structure(arch)))  # the network itself is checked before
+    number = freeze.removeprefix("last:")
     if freeze.startswith("last:") and number.isdigit() and 1 <= int(number) <= count:
         return None
     return (f"{freeze!r} does not fit {arch}, whose feature extractor has {describe_blocks(arch)}; pass "

@@ -46,17 +46,19 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 
 def parameter_groups(cfg, model: TransferNet, lr: float) -> list[dict]:
-    """The trainable parameters in up to four groups: the head (classifier block) at `lr` and the rest of
-    the network (the pretrained layers) at `lr` x --backbone-lr-scale, each with --weight-decay on its
-    weights and none on its biases and normalisation weights (no_decay_names). Each group has a `name`."""
+    """The trainable parameters in groups by their lr and weight decay: with --backbone-lr-scale, the head
+    (classifier block) at `lr` and the rest of the network (the pretrained layers) at `lr` x the scale; with
+    --weight-decay, the weights decayed and the biases and normalisation weights not (no_decay_names). One
+    group ("all") without either, as the article's optimizer has. Each group has a `name`."""
     skip = no_decay_names(model)
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         part = "head" if name.startswith(model.head_name + ".") else "backbone"
-        decays = name not in skip and cfg.weight_decay > 0
-        key = f"{part}" + ("" if decays else ", no decay")
+        decays = cfg.weight_decay > 0 and name not in skip
+        key = ", ".join([part if cfg.backbone_lr_scale != 1 else "all"]
+                        + (["no decay"] if cfg.weight_decay > 0 and not decays else []))
         group = groups.setdefault(key, {"name": key, "params": [], "weight_decay": cfg.weight_decay if decays else 0.0,
                                         "lr": lr * (cfg.backbone_lr_scale if part == "backbone" else 1.0)})
         group["params"].append(param)
