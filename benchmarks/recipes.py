@@ -19,7 +19,8 @@ in batches of 32, one process on this machine's cores, and is a fresh process:
   timm          timm's train.py: --model resnet18 --img-size 64 --epochs 10 -b 32 --num-classes 8 --device cpu
                 and nothing else (its defaults: SGD at lr 0.1 x 32/256, weight decay 2e-5, 5 warm-up epochs,
                 cosine, label smoothing 0.1, random-resized-crop + flip + colour jitter 0.4, 4 loader
-                workers), on the same split (train/ and validation/ folders of links to the same files)
+                workers), on the same split (train/ and validation/ folders of links to the same files); and
+                the same with --lr 0.05, the bare loop's
 
 Augmentation (--augment, mixup, cutmix) is another branch's work: the tl_dist arms here have none, so the
 gap to timm's augmented run is what augmentation has to close. For each arm: test accuracy, the accuracy of
@@ -63,9 +64,11 @@ ARMS = {  # the tl_dist arms; "timm" runs timm's train.py
     "+wd": BARE + ["--warmup-epochs", "1", "--lr-schedule", "cosine", "--label-smoothing", "0.1", "--ema-decay",
                    "0.9998", "--weight-decay", "5e-4"],
     "finetune (preset lr)": ["--recipe", "finetune"],
-    "finetune, lr 2e-3": ["--recipe", "finetune", "--lr", "2e-3"],
+    "finetune lr=2e-3": ["--recipe", "finetune", "--lr", "2e-3"],
 }
-ORDER = ("bare", "timm", "finetune, lr 2e-3", "+ema", "finetune (preset lr)", "+schedule", "+smoothing", "+wd")
+TIMM_ARMS = {"timm": [], "timm lr=0.05": ["--lr", "0.05"]}  # its defaults; and with the bare loop's lr
+ORDER = ("bare", "timm", "timm lr=0.05", "finetune lr=2e-3", "+ema", "finetune (preset lr)", "+schedule", "+smoothing",
+         "+wd")
 
 
 def measured(command: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float, float, tuple]:
@@ -139,7 +142,8 @@ def timm_folders(data: Path, split: dict, root: Path) -> Path:
         for f in files:
             link = root / part / f
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(data / f)
+            if not link.is_symlink():
+                link.symlink_to(data / f)
     return root
 
 
@@ -201,17 +205,19 @@ print(correct / total)
 """
 
 
-def run_timm(a, data: Path, work: Path) -> dict:
-    """timm's train.py with its defaults on the same split; the accuracy of its last epoch's model."""
-    out = work / "timm"
+def run_timm(a, name: str, data: Path, work: Path) -> dict:
+    """timm's train.py with its defaults (and TIMM_ARMS[name]) on the same split; the accuracy of its last
+    epoch's model."""
+    out = work / name.replace(" ", "_")
     args = ["--data-dir", str(data), "--model", "resnet18", "--img-size", "64", "--epochs", "10", "-b", "32",
-            "--num-classes", "8", "--device", "cpu", "--output", str(out), "--experiment", "run"]
+            "--num-classes", "8", "--device", "cpu", *TIMM_ARMS[name], "--output", str(out), "--experiment", "run"]
     _, wall, cpu, load = measured([a.timm_python, a.timm_train, *args], work)
     with open(out / "run" / "summary.csv") as f:
         last = list(csv.DictReader(f))[-1]
     train = subprocess.run([a.timm_python, "-c", TIMM_TRAIN_ACCURACY, str(data / "train"),
                             str(out / "run" / "last.pth.tar"), "64"], capture_output=True, text=True, check=True)
-    return {"arm": "timm train.py, its defaults", "options": " ".join(args[2:14]),
+    return {"arm": f"timm train.py, its defaults{' + ' + ' '.join(TIMM_ARMS[name]) if TIMM_ARMS[name] else ''}",
+            "options": " ".join(args[2:-4]),
             "test": float(last["eval_top1"]) / 100, "train": float(train.stdout.strip().splitlines()[-1]),
             "wall_s": wall, "cpu_s": cpu, "train_s": None, "load": load}
 
@@ -271,14 +277,18 @@ def main(argv=None) -> int:
           flush=True)
     runs = []
     for name in a.arms.split(","):
-        if name == "timm":
+        done = work / "results" / f"{name}.json"  # an arm of an interrupted run, with --work-dir: not run again
+        if done.is_file():
+            runs.append(json.loads(done.read_text()))
+        elif name in TIMM_ARMS:
             if not a.timm_train:
                 continue
             split = json.loads(next((work / "runs").glob("*/split.json")).read_text())  # the same for every arm
-            timm_folders(data, split, work / "timm-data")
-            runs.append(run_timm(a, work / "timm-data", work))
+            runs.append(run_timm(a, name, timm_folders(data, split, work / "timm-data"), work))
         else:
             runs.append(run_tl_dist(name, ARMS[name], data, work))
+        done.parent.mkdir(exist_ok=True)
+        done.write_text(json.dumps(runs[-1]))
         print(json.dumps(runs[-1]), flush=True)
     when = f"{started:%Y-%m-%d %H:%M}-{datetime.datetime.now(datetime.timezone.utc):%H:%M} UTC"
     section = report(machine_description(), runs, when, command, timm_version)

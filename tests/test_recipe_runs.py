@@ -84,8 +84,8 @@ def test_lp_ft_probes_the_head_on_cached_features_then_fine_tunes_in_the_same_ru
             config["ema_decay"], config["probe_epochs"], config["lr"], config["feature_cache"]) == \
         ("lp-ft", "adamw", 0.05, 0.1, 0.9998, 1, 0.001, True)
     again = parse_args(["--config", str(out / "config.json"), "--output-dir", str(out.with_name("again"))])
-    assert {k: v for k, v in again.to_dict().items() if k != "output_dir"} == \
-        {k: v for k, v in config.items() if k in again.to_dict() and k != "output_dir"}  # --config reproduces it
+    same = [k for k in again.to_dict() if k not in ("output_dir", "config")]
+    assert {k: getattr(again, k) for k in same} == {k: config[k] for k in same}  # --config reproduces the run
     metrics = read_metrics(out)
     assert len(metrics["train"]["epoch_loss"]) == 3 and metrics["train"]["global_step"] == TOTAL_STEPS
     assert {"baseline", "probe", "test", "test_raw"} <= metrics.keys()
