@@ -26,11 +26,11 @@ def _opt(help: str, group: str, default=None, choices=None, **kw):
 # --recipe: named presets of options. An option given on the command line (or in --config) wins over the
 # recipe's value; config.json records the recipe and the values it resolved to. Where each value comes from:
 # README, "Fine-tuning the backbone".
+# The finetune preset's augmentation (torchvision's ResNet-50 recipe), by the option names agreed with the
+# augmentation work: it joins FINETUNE (one line) where those options exist.
+FINETUNE_AUGMENTATION = {"augment": "trivial", "mixup": 0.2, "cutmix": 1.0, "random_erasing": 0.1}
 FINETUNE = {"freeze": "none", "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "label_smoothing": 0.1,
             "warmup_epochs": 1.0, "lr_schedule": "cosine", "ema_decay": 0.9998}
-# The finetune preset's augmentation, by the option names agreed with the augmentation work; it joins the
-# preset where those options exist: RECIPES["finetune"] = {**FINETUNE, **FINETUNE_AUGMENTATION}.
-FINETUNE_AUGMENTATION = {"augment": "trivial", "mixup": 0.2, "cutmix": 1.0, "random_erasing": 0.1}
 PROBE = {"probe_epochs": 5, "probe_lr": 1e-3}
 RECIPES = {"article": {}, "finetune": FINETUNE, "lp-ft": {**FINETUNE, **PROBE}}
 
