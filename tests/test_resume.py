@@ -59,9 +59,9 @@ def last_logged_step(out: Path) -> int:
         return -1
 
 
-def run_and_kill(args: list[str], nproc: int, out: Path, timeout: float = 600) -> dict:
+def run_and_kill(args: list[str], nproc: int, out: Path, timeout: float = 600, ready=None) -> dict:
     """Start a run in its own session; once a complete checkpoint exists and the run has logged a later
-    step, SIGKILL every process of the run at once. Returns what it had saved."""
+    step (or once `ready(out)` says so), SIGKILL every process of the run at once. Returns what it had saved."""
     log = out.with_name(out.name + ".log")
     with open(log, "wb") as sink:  # a file, not a pipe: a full pipe would stall the run
         proc = subprocess.Popen(launch_command(args, nproc), cwd=REPO, env=run_env(), stdout=sink,
@@ -70,7 +70,7 @@ def run_and_kill(args: list[str], nproc: int, out: Path, timeout: float = 600) -
     try:
         while proc.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint was written in time"
-            if past_a_checkpoint(out):
+            if (ready or past_a_checkpoint)(out):
                 kill_everything(proc.pid)
                 break
             time.sleep(0.005)

@@ -25,8 +25,8 @@ import torch
 from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file, save_file
 
-from tl_dist.run_dir import (CLASSES_FILE, CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, DiskFullError, RunDir, exchange,
-                             read_json, verify, write_json, write_manifest)
+from tl_dist.run_dir import (CLASSES_FILE, CONFIG_FILE, RAW_WEIGHTS_FILE, STATE_FILE, WEIGHTS_FILE, DiskFullError,
+                             RunDir, exchange, read_json, verify, write_json, write_manifest)
 from tl_dist.runtime import together
 
 
@@ -61,6 +61,7 @@ class TrainState:
     train_seconds: float = 0.0  # time spent in training steps, over all sessions of the run
     skipped_steps: int = 0  # fp16 steps skipped by the grad scaler
     baseline: dict | None = None  # test metrics before fine-tuning
+    probe: dict | None = None  # LP-FT: test metrics after the probe phase
     val_history: list[dict] = field(default_factory=list)  # validation metrics after each epoch
     pruned: bool = False  # a sweep's pruner ended the run after `epoch` epochs
     finished: bool = False
@@ -157,20 +158,27 @@ def _all_or_nothing(accelerator, run_dir: RunDir, tmp: Path, write) -> None:
                               f"{exc}") from exc
 
 
+def _weights(accelerator, model) -> dict:
+    return {k: v.detach().float().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+
+
 def save_final_model(accelerator, model, run_dir: RunDir, state: TrainState, classes: list[str],
-                     config: dict) -> Path:
+                     config: dict, raw_model=None) -> Path:
     """`<run_dir>/model/`: weights (safetensors), class names, config and train state, and their manifest;
-    it replaces an older model/ (an extended run) in one step. Main process."""
+    it replaces an older model/ (an extended run) in one step. Main process. With --ema-decay, `model` is the
+    average of the weights and `raw_model` the trained weights themselves, kept beside it (raw.safetensors)."""
     run_dir = RunDir.of(run_dir)
-    weights = {k: v.detach().float().cpu().contiguous() for k, v in
-               accelerator.unwrap_model(model).state_dict().items()}
-    if bad := nonfinite_tensors(weights):
+    weights = _weights(accelerator, model)
+    raw = _weights(accelerator, raw_model) if raw_model is not None else None
+    if bad := nonfinite_tensors({**weights, **(raw or {})}):
         raise _diverged(state.global_step, bad, run_dir.latest())
     tmp = run_dir.tmp_folder(run_dir.final_model)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         save_file(weights, str(tmp / WEIGHTS_FILE))
+        if raw is not None:
+            save_file(raw, str(tmp / RAW_WEIGHTS_FILE))
         write_json(tmp / CLASSES_FILE, classes)
         write_json(tmp / CONFIG_FILE, config)
         state.save(tmp)

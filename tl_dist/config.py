@@ -23,6 +23,24 @@ def _opt(help: str, group: str, default=None, choices=None, **kw):
     return field(default=default, metadata=dict(help=help, group=group, choices=choices, **kw))
 
 
+# --recipe: named presets of options. An option given on the command line (or in --config) wins over the
+# recipe's value; config.json records the recipe and the values it resolved to. Where each value comes from:
+# README, "Fine-tuning the backbone".
+# The finetune preset's augmentation is torchvision's ResNet-50 recipe; its crops are cut from a cache 256/224
+# of the image size (ImageNet's resize before the 224 crop) and evaluation resizes as the weights do.
+FINETUNE = {"freeze": "none", "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.05, "label_smoothing": 0.1,
+            "warmup_epochs": 1.0, "lr_schedule": "cosine", "ema_decay": 0.9998,
+            "augment": "trivial", "mixup": 0.2, "cutmix": 1.0, "random_erasing": 0.1,
+            "cache_size": "8/7", "eval_resize": "weights"}
+PROBE = {"probe_epochs": 5, "probe_lr": 1e-3}
+RECIPES = {"article": {}, "finetune": FINETUNE, "lp-ft": {**FINETUNE, **PROBE}}
+
+
+def _flags(values: dict) -> str:
+    shown = {**values, "cache_size": "8/7 of --image-size"} if "cache_size" in values else values
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items())
+
+
 @dataclass
 class Config:
     # --- Data ---
@@ -51,29 +69,54 @@ class Config:
     weights: str = _opt("imagenet (the network's DEFAULT torchvision weights; VGG16: IMAGENET1K_V1), a weights "
                         "name of the network (e.g. IMAGENET1K_V2), none (random init), or PATH to its "
                         "state_dict (.pth or .safetensors) with its 1000-way head", "Model", "imagenet")
-    freeze: str = _opt("freeze the feature extractor and train the classifier block (the article), or train "
-                       "everything", "Model", "features", choices=("features", "none"))
+    freeze: str = _opt("what trains: features = the classifier block on the frozen feature extractor (the "
+                       "article); none = everything; last:N = the feature extractor's last N blocks and every "
+                       "layer after them (--list-models shows each network's blocks)", "Model", "features")
+    sync_bn: bool = _opt("BatchNorm statistics over every process's images (SyncBatchNorm), so that N processes "
+                         "train like one with their global batch; for networks whose BatchNorm layers train",
+                         "Model", False)
     dropout: float | None = _opt("dropout of the classifier block's dropout layers; None: the network's own "
                                  "(VGG16's two hidden layers: 0.5; ResNet's fc has none)", "Model", None)
     cache_features: str = _opt("train the classifier on backbone features computed once per image: auto = "
                                "exactly when that gives the same result (frozen backbone)", "Model", "auto",
                                choices=("auto", "on", "off"))
     # --- Optimisation ---
-    epochs: int = _opt("passes over the training split", "Optimisation", 5, positive=True)
+    recipe: str = _opt(f"article: the article's settings; finetune: {_flags(FINETUNE)}; lp-ft: finetune's, "
+                       f"with {_flags(PROBE)} (the head alone on cached features first, Kumar et al., 2022). "
+                       "Options given win over the recipe's", "Optimisation", "article", choices=tuple(RECIPES))
+    epochs: int = _opt("passes over the training split (with --probe-epochs: of the fine-tuning)", "Optimisation", 5,
+                       positive=True)
     batch_size: int = _opt("images per process and micro-batch; the global batch is this times the processes "
                            "times --gradient-accumulation-steps", "Optimisation", 32, positive=True)
     gradient_accumulation_steps: int | None = _opt(
         "micro-batches per optimizer step (default: $ACCELERATE_GRADIENT_ACCUMULATION_STEPS, else 1)",
         "Optimisation", None, positive=True)
-    lr: float = _opt("SGD learning rate (not scaled with the global batch unless --scale-lr)",
-                     "Optimisation", 0.001)
+    optimizer: str = _opt("sgd (the article) or adamw (decoupled weight decay)", "Optimisation", "sgd",
+                          choices=("sgd", "adamw"))
+    lr: float = _opt("learning rate (of the head, with --backbone-lr-scale; not scaled with the global batch "
+                     "unless --scale-lr)", "Optimisation", 0.001)
     scale_lr: bool = _opt("multiply --lr by the number of processes (linear scaling rule)", "Optimisation",
                           False)
     momentum: float = _opt("SGD momentum", "Optimisation", 0.9)
-    lr_schedule: str = _opt("constant (the article) or cosine decay over all steps", "Optimisation",
-                            "constant", choices=("constant", "cosine"))
-    seed: int = _opt("seed of the split, the initialisation, the shuffling, the augmentation and dropout",
-                     "Optimisation", 0)
+    weight_decay: float = _opt("weight decay of the convolution and linear weights (never of biases, "
+                               "normalisation weights or transformer embeddings): L2 for SGD, decoupled for AdamW",
+                               "Optimisation", 0.0)
+    label_smoothing: float = _opt("the target becomes (1 - eps) x one-hot + eps / classes", "Optimisation", 0.0)
+    warmup_epochs: float = _opt("linear warm-up of the lr over these epochs (fractions work), then "
+                                "--lr-schedule", "Optimisation", 0.0)
+    lr_schedule: str = _opt("after the warm-up: constant (the article) or a cosine decay to 0 at the last step",
+                            "Optimisation", "constant", choices=("constant", "cosine"))
+    backbone_lr_scale: float = _opt("the layers before the classifier block (the pretrained ones) train at "
+                                    "--lr times this", "Optimisation", 1.0)
+    clip_grad_norm: float = _opt("clip the global batch's gradient to this norm (0 = no clipping)", "Optimisation",
+                                 0.0)
+    ema_decay: float = _opt("keep an exponential moving average of the weights with this decay per step (0 = "
+                            "none); it is evaluated beside the weights, and is the final model", "Optimisation", 0.0)
+    probe_epochs: int = _opt("LP-FT: first train the classifier block alone for N epochs on cached features of "
+                             "the frozen backbone, then --epochs of --freeze's training from it (0 = no probe)",
+                             "Optimisation", 0, nonnegative=True)
+    probe_lr: float | None = _opt("the learning rate of the --probe-epochs (default: --lr)", "Optimisation")
+    seed: int = _opt("seed of the split, the initialisation, the shuffling, the augmentation and dropout", "Optimisation", 0)
     max_steps: int = _opt("stop after this many optimizer steps in total (0 = no limit); for debug runs",
                           "Optimisation", 0, nonnegative=True)
     # --- Augmentation (training images only; drawn per image from --seed, epoch and index: augment.py) ---
@@ -141,12 +184,31 @@ class Config:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
 
+    @property
+    def uses_feature_cache(self) -> bool:
+        """The classifier block trains on backbone features cached once per image (auto: when the backbone
+        is frozen, which makes it the same training)."""
+        return self.cache_features == "on" or (self.cache_features == "auto" and self.freeze == "features"
+                                               and not self.augments)
+
+    @property
+    def augments(self) -> bool:
+        """Training images are augmented, so the network sees other images than stored features are of."""
+        return self.augment != "none" or bool(self.random_erasing or self.mixup or self.cutmix)
+
+    @property
+    def total_epochs(self) -> int:
+        """The run's epochs: the probe's (LP-FT), then the fine-tuning's."""
+        return self.probe_epochs + self.epochs
+
 
 # What defines a run: a resume must not change these (one line per difference), and a run's config.json
 # gives them back. --batch-size is checked as the global batch, so that a run can resume on another number
 # of processes (resume.py).
 RUN_DEFINING = ("model", "weights", "freeze", "dropout", "image_size", "seed", "test_fraction", "val_fraction",
-                "max_samples", "lr", "momentum", "scale_lr", "lr_schedule",
+                "max_samples", "lr", "momentum", "scale_lr", "lr_schedule", "recipe", "sync_bn", "optimizer",
+                "weight_decay", "label_smoothing", "warmup_epochs", "backbone_lr_scale", "clip_grad_norm",
+                "ema_decay", "probe_epochs", "probe_lr",
                 "eval_resize", "augment", "crop_scale", "crop_ratio", "hflip", "random_erasing", "mixup", "cutmix",
                 "cache_size")
 @dataclass(frozen=True)
@@ -224,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(_flag(f.name), type=kind, default=f.default, choices=meta["choices"],
                            nargs=meta.get("nargs"), metavar=metavar, help=meta["help"])
     groups["Model"].add_argument("--list-models", action=_ListModels,
-                                 help="print the networks --model takes, their weights and trained block; exit")
+                                 help="print the networks --model takes, their weights, their blocks and the block "
+                                      "--freeze features trains; exit")
     return parser
 
 
@@ -282,8 +345,8 @@ class _ListModels(argparse.Action):
 
 
 def check_network(parser: argparse.ArgumentParser, cfg: Config) -> None:
-    """--model, --weights and --image-size together, before anything is read or written."""
-    from tl_dist.model import check_image_size, check_model, check_weights
+    """--model, --weights, --image-size and --freeze together, before anything is read or written."""
+    from tl_dist.model import check_freeze, check_image_size, check_model, check_weights
 
     if problem := check_model(cfg.model):
         parser.error(f"argument --model: {problem}")
@@ -291,6 +354,8 @@ def check_network(parser: argparse.ArgumentParser, cfg: Config) -> None:
         parser.error(f"argument --weights: {problem}")
     if problem := check_image_size(cfg.model, cfg.image_size):
         parser.error(f"argument --image-size: {problem}")
+    if problem := check_freeze(cfg.model, cfg.freeze):
+        parser.error(f"argument --freeze: {problem}")
 
 
 def check_memory(cfg: Config) -> None:
@@ -318,6 +383,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         given |= set(from_file)
     values = {name: tuple(v) if isinstance(v, list) else v for name, v in vars(parser.parse_args(argv)).items()}
     cfg = Config(**values, given=frozenset(given))
+    cfg = dataclasses.replace(cfg, **{k: _resolve(cfg, k, v) for k, v in RECIPES[cfg.recipe].items()
+                                      if k not in given})
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
         if f.metadata.get("positive") and value is not None and value <= 0:
@@ -334,6 +401,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error(f"argument --momentum: must be in [0, 1), got {cfg.momentum}")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         parser.error(f"argument --dropout: must be in [0, 1), got {cfg.dropout}")
+    _check_recipe_options(parser, cfg)
     if cfg.num_workers < -1:
         parser.error(f"argument --num-workers: must be -1 or more, got {cfg.num_workers}")
     _check_augmentation(parser, cfg)
@@ -373,10 +441,45 @@ def _check_augmentation(parser: argparse.ArgumentParser, cfg: Config) -> None:
                                                               and int(cfg.eval_resize) >= cfg.image_size):
         parser.error(f"argument --eval-resize: squash, weights, or a size of at least --image-size "
                      f"{cfg.image_size} (the shorter side before the centre crop); got {cfg.eval_resize!r}")
-    augmenting = cfg.augment != "none" or cfg.random_erasing or cfg.mixup or cfg.cutmix
-    if cfg.cache_features == "on" and augmenting:
+    if cfg.cache_features == "on" and cfg.augments:
         parser.error("argument --cache-features: on trains on stored features of unaugmented images; with "
                      "augmentation, leave it at auto (or off)")
+
+
+def _resolve(cfg: Config, name: str, value):
+    """A recipe's value; "8/7" for --cache-size is that fraction of --image-size (256 for 224)."""
+    if name == "cache_size" and isinstance(value, str):
+        top, bottom = map(int, value.split("/"))
+        return cfg.image_size * top // bottom
+    return value
+
+
+def _check_recipe_options(parser: argparse.ArgumentParser, cfg: Config) -> None:
+    """The optimiser's, the schedule's and LP-FT's options, each in its range and meaningful together."""
+    ranges = {"weight_decay": (0.0, 1e9), "label_smoothing": (0.0, 1.0), "clip_grad_norm": (0.0, 1e30),
+              "ema_decay": (0.0, 1.0)}  # [low, high)
+    for name, (low, high) in ranges.items():
+        if not low <= getattr(cfg, name) < high:
+            parser.error(f"argument {_flag(name)}: must be in [{low:g}, {high:g}), got {getattr(cfg, name)}")
+    if not 0.0 < cfg.backbone_lr_scale <= 1e6:
+        parser.error(f"argument --backbone-lr-scale: must be positive, got {cfg.backbone_lr_scale} (to keep "
+                     "layers as they are, use --freeze)")
+    if cfg.probe_lr is not None and not 0 < cfg.probe_lr < 3e38:
+        parser.error(f"argument --probe-lr: must be positive and below 3e38, got {cfg.probe_lr}")
+    if not 0.0 <= cfg.warmup_epochs < cfg.epochs:
+        parser.error(f"argument --warmup-epochs: must be 0 or more and below --epochs ({cfg.epochs}), got "
+                     f"{cfg.warmup_epochs}{_from_recipe(cfg, 'warmup_epochs')}")
+    if cfg.optimizer != "sgd" and cfg.momentum != Config.momentum:  # a run's own config.json holds the default
+        parser.error(f"argument --momentum: SGD's; {cfg.optimizer} has none (drop --momentum, or pass "
+                     "--optimizer sgd)")
+    if cfg.probe_epochs and cfg.freeze == "features":
+        parser.error(f"argument --probe-epochs{_from_recipe(cfg, 'probe_epochs')}: the probe trains the "
+                     "classifier block before the rest of the network trains; pass --freeze none or last:N")
+
+
+def _from_recipe(cfg: Config, name: str) -> str:
+    """Where a value that was not given came from, for an error message."""
+    return "" if name in cfg.given else f" (the {cfg.recipe} recipe's value; pass your own)"
 
 
 def _check_paths_and_workers(parser: argparse.ArgumentParser, cfg: Config) -> None:

@@ -24,6 +24,7 @@ from tl_dist.checkpoint import TrainState
 from tl_dist.console import QuietPhase
 from tl_dist.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 from tl_dist.metrics import compute_metrics
+from tl_dist.optim import WeightAverage
 from tl_dist.randomness import StepDraws, keyed
 from tl_dist.runtime import StopRequest
 
@@ -166,12 +167,14 @@ class Criterion:
 @dataclass
 class Training:
     """What an optimizer step needs: the model, optimizer and schedule as `accelerator.prepare` returned them,
-    and the loss."""
+    the loss, the gradient clipping and the average of the weights."""
     accelerator: object
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
     criterion: Criterion = Criterion()
+    clip_grad_norm: float = 0.0  # --clip-grad-norm: the largest norm of the global batch's gradient (0: no limit)
+    ema: WeightAverage | None = None  # --ema-decay: updated after every step that was applied
 
 
 @dataclass
@@ -204,10 +207,14 @@ def train_step(training: Training, batches: Batches, micro_batches, global_image
                         if len(x) else out.sum() * 0.0)  # an empty share still joins the all-reduce
             accelerator.backward(loss)
         loss_sum += loss.detach().float()
+    if training.clip_grad_norm:  # the gradients are all-reduced by now: every process clips the same ones
+        accelerator.clip_grad_norm_(model.parameters(), training.clip_grad_norm)
     step_loss = accelerator.reduce(loss_sum / len(micro_batches), "mean").item()  # note: a sync point
     if math.isfinite(step_loss) or accelerator.mixed_precision == "fp16":
         training.optimizer.step()
         training.scheduler.step()
+        if training.ema is not None and not accelerator.optimizer_step_was_skipped:
+            training.ema.update(accelerator.unwrap_model(model))
     training.optimizer.zero_grad(set_to_none=True)
     return step_loss
 

@@ -5,7 +5,9 @@ families in FAMILIES works the same way. `TransferNet` adopts the torchvision ne
 names, so its state_dict is the torchvision state_dict (VGG16's: features / avgpool / classifier), with an
 N-way last layer. It splits the network in two: the feature extractor (`embed`: every layer before the
 classifier block, flattened) and the classifier block (the network's last block: VGG's `classifier`,
-ResNet's `fc`, ViT's `heads`, ...), trained alone under --freeze features. Its forward can start from those
+ResNet's `fc`, ViT's `heads`, ...), trained alone under --freeze features. The feature extractor's blocks
+(what the family calls one: a VGG conv stage, a ResNet layerK, a ViT encoder layer, ...) are what --freeze
+last:N counts: the last N of them train, with every layer after them. Its forward can start from those
 features (`pooled=True`): that is how the frozen-feature cache trains the classifier through the same
 (DDP-wrapped) module. It also carries the normalisation its weights were trained with (`mean`, `std`).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -31,27 +34,75 @@ class WeightsError(RuntimeError):
     """A weights file that cannot be used; the message says what to do."""
 
 
+Block = tuple[str, ...]  # the module paths of one block of the feature extractor, in forward order
+
+
+def _conv_stages(net: nn.Module) -> list[Block]:
+    """VGG, AlexNet: the layers of `features` between max-pools, each stage ending with its pool."""
+    stages, stage = [], []
+    for name, layer in net.features.named_children():
+        stage.append(f"features.{name}")
+        if isinstance(layer, nn.MaxPool2d):
+            stages.append(tuple(stage))
+            stage = []
+    return stages
+
+
+def _children_of(path: str, first: int = 0, end: int | None = None) -> Callable[[nn.Module], list[Block]]:
+    """Each child of the module at `path` (from the `first`-th, before the `end`-th) is one block."""
+    def blocks(net: nn.Module) -> list[Block]:
+        return [(f"{path}.{name}",) for name in list(net.get_submodule(path)._modules)[first:end]]
+    return blocks
+
+
+def _resnet_layers(net: nn.Module) -> list[Block]:
+    return [(name,) for name in net._modules if name.startswith("layer")]
+
+
+def _downsampled_stages(net: nn.Module) -> list[Block]:
+    """ConvNeXt, Swin: `features` is stem, stage, downsampling, stage, ...: each stage after the first starts
+    with the layer that downsamples into it."""
+    names = [f"features.{name}" for name in net.features._modules]
+    return [(names[1],)] + [tuple(names[i:i + 2]) for i in range(2, len(names), 2)]
+
+
+def _stride_stages(net: nn.Module) -> list[Block]:
+    """MobileNetV3: `features` is stem, inverted-residual blocks, last conv; a stage starts at each block
+    that downsamples (a strided conv)."""
+    stages = []
+    for name, layer in list(net.features.named_children())[1:-1]:
+        strided = any(isinstance(m, nn.Conv2d) and max(m.stride) > 1 for m in layer.modules())
+        if strided or not stages:
+            stages.append(())
+        stages[-1] += (f"features.{name}",)
+    return stages
+
+
 @dataclass(frozen=True)
 class Family:
     title: str
     head: str  # the classifier block: the network's last child, trained under --freeze features
+    blocks: Callable[[nn.Module], list[Block]]  # the feature extractor's blocks, first to last (--freeze last:N)
+    block_kind: str  # what the family calls a block
     map_head: bool = False  # the block starts with a 2-D layer: it takes N x C x 1 x 1, not N x C
 
 
 # The torchvision families whose forward pass runs their layers in the order they are registered (with a
 # flatten before the classifier block), so that `TransferNet.embed` can run them the same way; ViT prepends
 # its class token (VisionTransformerNet). Left out: networks whose forward does more between its layers
-# (DenseNet, GoogLeNet, Inception, MaxViT, MNASNet, MobileNetV2, ShuffleNetV2, SqueezeNet).
+# (DenseNet, GoogLeNet, Inception, MaxViT, MNASNet, MobileNetV2, ShuffleNetV2, SqueezeNet). A block is what
+# the family's torchvision code builds as one stage (or, for ViT, one encoder layer); the stem before the
+# first block stays frozen under --freeze last:N, whatever N.
 FAMILIES = {
-    "vgg": Family("VGG", "classifier"),
-    "alexnet": Family("AlexNet", "classifier"),
-    "resnet": Family("ResNet / ResNeXt / Wide ResNet", "fc"),
-    "regnet": Family("RegNet", "fc"),
-    "efficientnet": Family("EfficientNet", "classifier"),
-    "mobilenetv3": Family("MobileNetV3", "classifier"),
-    "convnext": Family("ConvNeXt", "classifier", map_head=True),
-    "swin_transformer": Family("Swin Transformer", "head"),
-    "vision_transformer": Family("ViT", "heads"),
+    "vgg": Family("VGG", "classifier", _conv_stages, "conv stage"),
+    "alexnet": Family("AlexNet", "classifier", _conv_stages, "conv stage"),
+    "resnet": Family("ResNet / ResNeXt / Wide ResNet", "fc", _resnet_layers, "layer"),
+    "regnet": Family("RegNet", "fc", _children_of("trunk_output"), "stage"),
+    "efficientnet": Family("EfficientNet", "classifier", _children_of("features", 1, -1), "stage"),
+    "mobilenetv3": Family("MobileNetV3", "classifier", _stride_stages, "stage"),
+    "convnext": Family("ConvNeXt", "classifier", _downsampled_stages, "stage", map_head=True),
+    "swin_transformer": Family("Swin Transformer", "head", _downsampled_stages, "stage"),
+    "vision_transformer": Family("ViT", "heads", _children_of("encoder.layers"), "encoder layer"),
 }
 VIT = "vision_transformer"
 
@@ -165,11 +216,52 @@ def check_image_size(arch: str, size: int) -> str | None:
     return f"{size} px is too small for {arch}, which takes {smallest} px or more: pass {smallest} or more"
 
 
+def _structure(arch: str) -> nn.Module:
+    """The torchvision network's layers without their weights (parameters on the meta device: no memory,
+    no initialisation; Accelerate's init_empty_weights, since RegNet computes its widths with tensors while
+    it is built): enough to name its blocks."""
+    if arch == TINY:
+        return _vgg_tiny(0.0)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return models.get_model(arch)
+
+
+def block_names(blocks: list[Block]) -> list[str]:
+    """A name for each block: its module's path, or parent.first-last for a run of a parent's children."""
+    names = []
+    for block in blocks:
+        parent, _, first = block[0].rpartition(".")
+        names.append(block[0] if len(block) == 1 else f"{parent}.{first}-{block[-1].rpartition('.')[2]}")
+    return names
+
+
+def describe_blocks(arch: str) -> str:
+    """What --freeze last:N counts in ARCH, in a few words: "4 layers: layer1 .. layer4"."""
+    family = FAMILIES[family_name(arch)]
+    names = block_names(family.blocks(_structure(arch)))
+    return f"{len(names)} {family.block_kind}s: {names[0]} .. {names[-1]}"
+
+
+def check_freeze(arch: str, freeze: str) -> str | None:
+    """Why --freeze cannot be used with --model ARCH, or None: features, none, or last:N with N from 1 to
+    the number of blocks of its feature extractor."""
+    if freeze in ("features", "none"):
+        return None
+    count = len(FAMILIES[family_name(arch)].blocks(_structure(arch)))  # the network itself is checked before
+    number = freeze.removeprefix("last:")
+    if freeze.startswith("last:") and number.isdigit() and 1 <= int(number) <= count:
+        return None
+    return (f"{freeze!r} does not fit {arch}, whose feature extractor has {describe_blocks(arch)}; pass "
+            f"features, none, or last:N with N from 1 to {count}")
+
+
 def describe_models() -> str:
-    """The --list-models table: every supported network, its default weights, the other weights and the
-    block that --freeze features trains."""
+    """The --list-models table: every supported network, its default weights, the other weights, its
+    blocks (what --freeze last:N counts) and the block that --freeze features trains."""
     rows = [("network", "--weights imagenet (ImageNet top-1)", "other --weights", "min px",
-             "trained under --freeze features")]
+             "blocks (--freeze last:N)", "trained under --freeze features")]
     for arch in supported_models():
         default = models.get_model_weights(arch).DEFAULT
         top1 = default.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
@@ -177,12 +269,17 @@ def describe_models() -> str:
         size = f"x{_vit_patch_size(arch)}" if family_name(arch) == VIT else str(default.meta["min_size"][0])
         rows.append((arch + (" (default)" if arch == "vgg16" else ""),
                      f"{default.name} ({top1:.1f}%)" if top1 else default.name, ", ".join(others) or "-", size,
+                     describe_blocks(arch),
                      f"{FAMILIES[family_name(arch)].head} ({FAMILIES[family_name(arch)].title})"))
-    rows.append((TINY, "- (tests only)", "-", str(TINY_MIN_SIZE), "classifier (a small VGG stand-in)"))
+    rows.append((TINY, "- (tests only)", "-", str(TINY_MIN_SIZE), describe_blocks(TINY),
+                 "classifier (a small VGG stand-in)"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows]
     return "\n".join(lines + ["", "min px: the smallest --image-size (xN: multiples of the N px patches). "
-                                  "--weights NAME: one of the listed weights; none, or a PATH, also work."])
+                                  "--weights NAME: one of the listed weights; none, or a PATH, also work.",
+                                  "blocks: --freeze last:N trains the last N of them and every layer after "
+                                  "them; the layers before the first block (the stem) train only under "
+                                  "--freeze none."])
 
 
 # ---------------------------------------------------------------- the network
@@ -191,7 +288,8 @@ def describe_models() -> str:
 class TransferNet(nn.Module):
     """A torchvision network split into its feature extractor (`embed`) and classifier block (`head`)."""
 
-    def __init__(self, net: nn.Module, head: str, map_head: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, net: nn.Module, head: str, map_head: bool = False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 blocks: list[Block] = ()):
         super().__init__()
         for name, child in net.named_children():  # the same names: the same state_dict keys
             self.add_module(name, child)
@@ -202,7 +300,8 @@ class TransferNet(nn.Module):
         self.head_name, self.map_head = head, map_head
         self.backbone_names = list(self._modules)[:-1]
         self.mean, self.std = tuple(mean), tuple(std)  # the input normalisation of its weights
-        self.frozen_backbone = False
+        self.blocks = list(blocks)  # the feature extractor's blocks (--freeze last:N)
+        self.frozen_modules: tuple[str, ...] = ()  # kept in eval mode: the frozen layers before the trained ones
 
     @property
     def head(self) -> nn.Module:
@@ -219,12 +318,13 @@ class TransferNet(nn.Module):
         return self.head(features[:, :, None, None] if self.map_head else features)
 
     def train(self, mode: bool = True) -> "TransferNet":
-        """A frozen feature extractor stays in eval mode: its BatchNorm statistics do not drift and its
-        stochastic depth stays off, so it computes what the feature cache holds (VGG16's has neither)."""
+        """Frozen layers stay in eval mode: their BatchNorm statistics do not drift and their stochastic
+        depth stays off, so a frozen feature extractor computes what the feature cache holds (VGG16's has
+        neither)."""
         super().train(mode)
-        if mode and self.frozen_backbone:
-            for name in self.backbone_names:
-                self._modules[name].eval()
+        if mode:
+            for name in self.frozen_modules:
+                self.get_submodule(name).eval()
         return self
 
 
@@ -355,12 +455,34 @@ def build_model(arch: str, num_classes: int, weights: str = "none", freeze: str 
     use_keyed_randomness(net)  # dropout masks drawn per image, the same on any number of processes
     mean, std = normalization(arch, weights)
     model = (VisionTransformerNet if family_name(arch) == VIT else TransferNet)(net, family.head, family.map_head,
-                                                                             mean, std)
-    if freeze == "features":
-        model.requires_grad_(False)
-        model.head.requires_grad_(True)
-        model.frozen_backbone = True
-    return model.train()  # train mode, with a frozen feature extractor in eval mode
+                                                                             mean, std, family.blocks(net))
+    set_trainable(model, freeze)
+    return model.train()  # train mode, with the frozen layers in eval mode
+
+
+def set_trainable(model: TransferNet, freeze: str) -> None:
+    """--freeze: `features` trains the classifier block, `none` everything, `last:N` the feature
+    extractor's last N blocks and every layer after them (the classifier block, and a final norm such as
+    ViT's encoder.ln). The layers before the first trained one are frozen and kept in eval mode."""
+    if freeze == "none":
+        model.requires_grad_(True)
+        model.frozen_modules = ()
+        return
+    first = model.head_name if freeze == "features" else model.blocks[-int(freeze.split(":")[1])][0]
+    # Registration order is forward order in every family (FAMILIES): parameters from the first trained
+    # block's first one on are those of the trained layers.
+    names = [name for name, _ in model.named_parameters()]
+    start = names.index(next(n for n in names if n.startswith(first + ".")))
+    for i, (_, param) in enumerate(model.named_parameters()):
+        param.requires_grad_(i >= start)
+    # The modules before it, leaving out the ones that contain it, and only the outermost of them.
+    frozen = []
+    for name, _ in model.named_modules():
+        if name == first:
+            break
+        if name and not first.startswith(name + ".") and not any(name.startswith(f + ".") for f in frozen):
+            frozen.append(name)
+    model.frozen_modules = tuple(frozen)
 
 
 def build_network(cfg, num_classes: int, from_checkpoint: bool = False) -> TransferNet:

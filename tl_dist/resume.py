@@ -185,10 +185,10 @@ def _check_length(cfg: Config, state: TrainState, run_dir: RunDir) -> None:
     """A run resumed with fewer --epochs (or --max-steps) than it has already trained would stop at once
     and call itself finished at a length nobody asked for."""
     begun = state.epoch + (1 if state.step_in_epoch else 0)  # epochs begun; the last may be partial
-    if cfg.epochs < begun:
+    if cfg.total_epochs < begun:  # the run's epochs count the LP-FT probe's too
         raise RunDirError(f"--epochs {cfg.epochs}: {run_dir} is already in epoch {begun} (step "
-                          f"{state.global_step}); pass --epochs {begun} or more, or leave --epochs out to "
-                          "finish the run as planned.")
+                          f"{state.global_step}); pass --epochs {begun - cfg.probe_epochs} or more, or leave --epochs "
+                          "out to finish the run as planned.")
     if cfg.max_steps and cfg.max_steps < state.global_step:
         raise RunDirError(f"--max-steps {cfg.max_steps}: {run_dir} is already at step {state.global_step}; "
                           f"pass --max-steps {state.global_step} or more, or leave it out.")
@@ -237,7 +237,7 @@ def _per_process_batch(cfg: Config, saved: dict, num_processes: int, accumulatio
 def _extend(cfg: Config, saved: dict | None, run_dir: RunDir, final: Path, state: TrainState,
             note: str | None) -> ResumePlan:
     """A finished run: nothing to do, or, with --epochs above its epochs, continue from its last state."""
-    trained = len(state.epoch_losses)
+    trained = len(state.epoch_losses) - cfg.probe_epochs  # the LP-FT probe's epochs come first
     if cfg.epochs <= trained:
         missing = run_dir.missing_report() if final.resolve() == run_dir.final_model.resolve() else []
         if missing:  # a full disk or a kill while it wrote them

@@ -10,7 +10,8 @@ A run folder (`--output-dir`) holds one training run:
     wandb_run_id          the W&B run a resumed or requeued run continues
     wandb_last_step       the last step handed to W&B (steps redone after a crash are not logged twice)
     checkpoints/step_N/   complete checkpoints: Accelerate's state, train_state.json, classes.json, manifest.json
-    model/                the final model: weights, classes.json, config.json, train_state.json, manifest.json
+    model/                the final model: weights, classes.json, config.json, train_state.json, manifest.json;
+                          with --ema-decay its weights are the average, and raw.safetensors the trained ones
     metrics.json          test metrics before and after fine-tuning, training numbers, the config
     per_class.csv, confusion_matrix.{csv,png}, mistakes.{csv,png}: the report
     eval/<model>/         what `--eval-only` wrote: metrics.json and the report of that model
@@ -55,6 +56,8 @@ EVAL_DIR = "eval"
 STATE_FILE = "train_state.json"
 CLASSES_FILE = "classes.json"
 WEIGHTS_FILE = "model.safetensors"  # the name Accelerate's save_state gives the first model
+RAW_WEIGHTS_FILE = "raw.safetensors"  # model/ with --ema-decay: the trained weights beside their average
+EMA_FILE = "ema.safetensors"  # a checkpoint with --ema-decay: the average of the weights (optim.WeightAverage)
 MANIFEST_FILE = "manifest.json"
 # the report
 PER_CLASS_CSV = "per_class.csv"

@@ -35,7 +35,8 @@ from tl_dist.data import DataError, GlobalBatchSampler  # noqa: E402
 from tl_dist.engine import Batches, LoopHooks, LoopSettings, Outcome, TrainLog, Training, evaluate, fit  # noqa: E402
 from tl_dist.launch_check import exit_if_unsupported_setup  # noqa: E402
 from tl_dist.model import TransferNet, WeightsError, build_network  # noqa: E402
-from tl_dist.optim import build_optimizer  # noqa: E402
+from tl_dist.optim import effective_lr  # noqa: E402
+from tl_dist.phases import Phase, build_training, phase_at, plan_phases  # noqa: E402
 from tl_dist.prepare import PreparedData, build_feature_store, feature_batches, image_batches, prepare_data, \
     training_batches  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
@@ -46,6 +47,7 @@ from tl_dist.run_dir import DamagedFileError, DiskFullError, RunDir, RunDirError
 from tl_dist.runtime import EXIT_PRUNED, EXIT_STOPPED, Interrupted, StopRequest, build_accelerator, \
     configure_threads, gradient_accumulation, stop_on_signals, stop_with_launcher  # noqa: E402
 from tl_dist.sweep.pruning import SweepTrial  # noqa: E402
+from tl_dist.sync_bn import convert_sync_batchnorm  # noqa: E402
 from tl_dist.tracking import Tracker, resolve_mode, wandb_run  # noqa: E402
 
 USER_ERRORS = (DataError, WeightsError, CheckpointError, RunDirError)
@@ -62,35 +64,63 @@ class SplitBatches:
 
 @dataclass
 class Setup:
-    """Everything FineTune.setup built, which the rest of the recipe uses."""
+    """Everything FineTune.setup built, which the rest of the recipe uses. `phase`, `training`, `settings` and
+    `batches` are those of the phase in progress (FineTune.start_phase)."""
     cfg: Config  # the options, resolved for a resume (the per-process batch follows the processes)
     data: PreparedData
-    training: Training  # the model, optimizer and schedule under Accelerate
-    settings: LoopSettings
-    batches: SplitBatches
-    features: dict | None  # where the frozen backbone's features are, and what they cost (None: no cache)
+    net: TransferNet  # the network itself, which each phase's `training.model` wraps
+    sampler: GlobalBatchSampler  # the same global batches for any number of processes
+    phases: list[Phase]
     state: TrainState
     tracker: Tracker
-    facts: RunFacts
+    facts: RunFacts | None = None
+    phase: int = 0
+    training: Training | None = None  # the model, optimizer and schedule under Accelerate
+    settings: LoopSettings | None = None
+    batches: SplitBatches | None = None
+    features: dict | None = None  # where the frozen backbone's features are, and what they cost (None: no cache)
 
     @property
     def run_config(self) -> dict:
         return {**self.cfg.to_dict(), **dataclasses.asdict(self.facts)}
 
-    def train_numbers(self) -> dict:
-        """What metrics.json says of the training."""
-        state = self.state
-        return {"epoch_loss": state.epoch_losses, "seconds": state.train_seconds,
-                "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
-                "global_step": state.global_step, "global_batch_size": self.facts.global_batch_size,
-                "lr": self.facts.effective_lr, "num_processes": self.facts.num_processes,
-                "skipped_steps": state.skipped_steps}
+    def run_facts(self, accelerator: Accelerator, run_dir: RunDir) -> RunFacts:
+        cfg, data, sampler = self.cfg, self.data, self.sampler
+        return RunFacts(
+            num_processes=accelerator.num_processes, gradient_accumulation_resolved=gradient_accumulation(cfg),
+            global_batch_size=sampler.global_batch, effective_lr=effective_lr(cfg, accelerator.num_processes),
+            num_classes=len(data.index.classes), train_samples=len(data.train_rows), val_samples=len(data.val_rows),
+            test_samples=len(data.test_rows), device=str(accelerator.device),
+            mixed_precision_resolved=accelerator.mixed_precision,
+            feature_cache=any(p.cfg.uses_feature_cache for p in self.phases), steps_per_epoch=sampler.steps_per_epoch,
+            output_dir_resolved=str(run_dir), cpu_threads=torch.get_num_threads(), mean=list(self.net.mean),
+            std=list(self.net.std))
+
+    @property
+    def final_model(self) -> torch.nn.Module:
+        """What the run delivers: the average of the weights with --ema-decay, else the weights."""
+        return self.training.ema.model if self.training.ema is not None else self.training.model
+
+    def metrics_record(self, test: dict, test_raw: dict | None) -> dict:
+        """What metrics.json holds: the test metrics before fine-tuning, after the LP-FT probe, of the final
+        model and (with --ema-decay) of the trained weights; the training; validation after every epoch."""
+        state, facts = self.state, self.facts
+        train = {"epoch_loss": state.epoch_losses, "seconds": state.train_seconds,
+                 "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
+                 "global_step": state.global_step, "global_batch_size": facts.global_batch_size,
+                 "lr": facts.effective_lr, "num_processes": facts.num_processes, "skipped_steps": state.skipped_steps}
+        record = {"baseline": state.baseline, "test": test, "train": train, "features": self.features,
+                  "skipped_files": sorted(self.data.bad), "config": self.run_config}
+        record.update({k: v for k, v in (("probe", state.probe), ("test_raw", test_raw)) if v is not None})
+        if state.val_history:  # the last epoch's numbers, and every epoch's
+            record["val"] = {**state.val_history[-1], "history": state.val_history}
+        return record
 
 
 class FineTune:
-    """The article's recipe on any number of processes: plan, set up, evaluate the baseline, fine-tune,
-    evaluate, save and report, clean up. Every process runs every method; Accelerate and the run folder's
-    rules decide who writes what."""
+    """The article's recipe on any number of processes: plan, set up, evaluate the baseline, fine-tune (in
+    phases: LP-FT probes first), evaluate, save and report, clean up. Every process runs every method;
+    Accelerate and the run folder's rules decide who writes what."""
 
     def __init__(self, cfg: Config, saved: dict | None, accelerator: Accelerator, console: RunConsole,
                  wandb_mode: str, threads: int):
@@ -127,7 +157,7 @@ class FineTune:
                                "no checkpoint was saved before it: the run has nothing to resume from")
             return 1
         with stop_on_signals("evaluating and saving the fine-tuned model"):
-            metrics, outputs = self.evaluate(s, "finetuned", step=s.state.global_step)
+            metrics, outputs = self.evaluate(s, "finetuned", step=s.state.global_step, model=s.final_model)
             self.save_and_report(s, metrics, outputs)
         return 0
 
@@ -182,57 +212,56 @@ class FineTune:
 
     def setup(self, plan: ResumePlan) -> Setup:
         """Everything the run needs, checked before the run folder gets its first file: the data and split,
-        the checkpoint's classes, the network, the features. So a failure here leaves the folder as it was."""
+        the checkpoint's classes, the network, the phase the run is in (with the checkpoint it continues), the
+        features. So a failure here leaves the folder as it was."""
         cfg, accelerator = plan.cfg, self.accelerator
         data = prepare_data(cfg, accelerator, self.console, self.run_dir, self.threads)
         if plan.checkpoint is not None:
             check_classes(plan.checkpoint, data.index.classes, cfg.data_dir)
-        model = self._model(plan, data)
-        if plan.report_only:  # the final model: weights only, nothing left to train
-            load_weights(model, plan.checkpoint)
+        net = self._model(plan, data)
         # The same global batches for any number of processes (data.GlobalBatchSampler), with each image's
         # mixing partner when images are mixed.
         sampler = GlobalBatchSampler(len(data.train_rows), cfg.batch_size, accelerator.num_processes,
                                      accelerator.process_index, cfg.seed, gradient_accumulation(cfg),
                                      partners=AugmentOptions.from_config(cfg).mixes)
-        settings = LoopSettings(cfg.epochs, cfg.max_steps, cfg.checkpoint_every_epochs, cfg.checkpoint_every_steps,
-                                cfg.max_skipped_steps, cfg.seed)
-        optimizer, scheduler, lr = build_optimizer(cfg, model, accelerator.num_processes, accelerator.device,
-                                                   settings.total_steps(sampler.steps_per_epoch))
-        training = Training(accelerator, *accelerator.prepare(model, optimizer, scheduler))
-        batches, features = self._batches(cfg, data, training.model, sampler)
-        state = plan.state or TrainState()
-        if plan.checkpoint is not None and not plan.report_only:
-            load_state(accelerator, plan.checkpoint)  # model, optimizer, scheduler, every RNG
-            self.console.print(f"resumed from {plan.checkpoint} at epoch {state.epoch + 1}, step {state.global_step}")
-        facts = RunFacts(
-            num_processes=accelerator.num_processes, gradient_accumulation_resolved=gradient_accumulation(cfg),
-            global_batch_size=sampler.global_batch, effective_lr=lr, num_classes=len(data.index.classes),
-            train_samples=len(data.train_rows), val_samples=len(data.val_rows), test_samples=len(data.test_rows),
-            device=str(accelerator.device), mixed_precision_resolved=accelerator.mixed_precision,
-            feature_cache=features is not None, steps_per_epoch=sampler.steps_per_epoch,
-            output_dir_resolved=str(self.run_dir), cpu_threads=torch.get_num_threads(), mean=list(model.mean),
-            std=list(model.std))
-        tracker = Tracker(accelerator, self.run_dir, self.wandb_mode)
-        s = Setup(cfg, data, training, settings, batches, features, state, tracker, facts)
+        phases, state = plan_phases(cfg), plan.state or TrainState()
+        s = Setup(cfg, data, net, sampler, phases, state, Tracker(accelerator, self.run_dir, self.wandb_mode))
+        if plan.report_only:  # the final model: weights only, nothing left to train
+            load_weights(net, plan.checkpoint)
+        self.start_phase(s, phase_at(phases, state.global_step, sampler.steps_per_epoch),
+                         None if plan.report_only else plan.checkpoint)
+        s.facts = s.run_facts(accelerator, self.run_dir)
         self._write_run_start(s)  # everything is known to be good: the run starts here
-        tracker.start(wandb_run(cfg, default_name=self.run_dir.path.name), s.run_config)
-        self.console.print(facts.describe(cfg.batch_size))
+        s.tracker.start(wandb_run(cfg, default_name=self.run_dir.path.name), s.run_config)
+        self.console.print(s.facts.describe(cfg.batch_size))
         return s
+
+    def start_phase(self, s: Setup, index: int, checkpoint: Path | None = None) -> None:
+        """Phase `index`'s training (phases.build_training) and batches; then the checkpoint it continues
+        from, if any (model, optimizer, schedule, weight average, every RNG)."""
+        phase = s.phases[index]
+        s.phase = index
+        s.training, s.settings = build_training(self.accelerator, phase, s.net, s.sampler.steps_per_epoch)
+        s.batches, features = self._batches(phase.cfg, s.data, s.training.model, s.sampler)
+        s.features = s.features or features
+        if len(s.phases) > 1:
+            self.console.print(f"phase {index + 1}/{len(s.phases)}, {phase.describe()}")
+        if checkpoint is not None:
+            load_state(self.accelerator, checkpoint)
+            self.console.print(f"resumed from {checkpoint} at epoch {s.state.epoch + 1}, step {s.state.global_step}")
 
     def _model(self, plan: ResumePlan, data: PreparedData) -> TransferNet:
         """The network with its new head; its ImageNet weights downloaded once per node (unless a checkpoint
-        brings the weights)."""
+        brings the weights). --sync-bn: with BatchNorm layers synchronised across processes."""
         with self.accelerator.local_main_process_first():
-            return build_network(plan.cfg, len(data.index.classes), from_checkpoint=plan.checkpoint is not None)
+            net = build_network(plan.cfg, len(data.index.classes), from_checkpoint=plan.checkpoint is not None)
+        return convert_sync_batchnorm(net, self.accelerator.device) if plan.cfg.sync_bn else net
 
     def _batches(self, cfg: Config, data: PreparedData, model, sampler) -> tuple[SplitBatches, dict | None]:
         """Cached images, or (frozen backbone) its features, computed once per image and kept on disk.
         Returns the batches and what the features cost (None without the feature cache)."""
         store, features = None, None
-        augmenting = AugmentOptions.from_config(cfg).active  # the network sees other images than the features'
-        if cfg.cache_features == "on" or (cfg.cache_features == "auto" and cfg.freeze == "features"
-                                          and not augmenting):
+        if cfg.uses_feature_cache:
             store, seconds = build_feature_store(cfg, self.accelerator, self.console, model, data)
             images = len(data.train_rows) + len(data.val_rows) + len(data.test_rows)
             features = {"path": str(store.array_path), "reused": seconds is None, "seconds": seconds,
@@ -268,11 +297,13 @@ class FineTune:
                               f"{self.run_dir.skipped}): {first}" + (" ..." if len(bad) > 10 else ""))
 
     # ---- evaluate, train, save
-    def evaluate(self, s: Setup, prefix: str, step: int) -> tuple[dict, dict]:
-        """Exact test metrics, logged under prefix/ with a grid of predictions (the first 32 test images,
-        the same for every number of processes). Returns the metrics and the gathered outputs."""
+    def evaluate(self, s: Setup, prefix: str, step: int, model=None) -> tuple[dict, dict]:
+        """Exact test metrics of `model` (default: the phase's), logged under prefix/ with a grid of predictions
+        (the first 32 test images, the same for every number of processes). Returns the metrics and the
+        gathered outputs."""
         classes = s.data.index.classes
-        metrics, outputs = evaluate(self.accelerator, s.training.model, s.batches.test, classes, self.console)
+        model = s.training.model if model is None else model
+        metrics, outputs = evaluate(self.accelerator, model, s.batches.test, classes, self.console)
         s.tracker.log({f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
         n = min(32, len(outputs["labels"]))
         preds, labels = outputs["logits"][:n].argmax(1).tolist(), outputs["labels"][:n].tolist()
@@ -283,23 +314,38 @@ class FineTune:
         return metrics, outputs
 
     def train(self, s: Setup) -> Outcome:
+        """Each phase in turn, from the one the run is in; a phase before the last ends with its test metrics
+        (LP-FT: the probe's, `state.probe`)."""
         trial = SweepTrial.from_environment(self.accelerator)  # a sweep's trial that its pruner may end; else None
-        validate = (lambda state: self._validate(s, state, trial)) if s.batches.val is not None else None
         with StopRequest(self.run_dir.stop_file) as stop:
-            hooks = LoopHooks(stop, lambda: self._save_checkpoint(s), validate)
-            return fit(s.training, s.batches.train, s.state, s.settings, TrainLog(s.tracker, self.console, s.settings),
-                       hooks)
+            while True:
+                validate = (lambda state: self._validate(s, state, trial)) if s.batches.val is not None else None
+                hooks = LoopHooks(stop, lambda: self._save_checkpoint(s), validate)
+                outcome = fit(s.training, s.batches.train, s.state, s.settings,
+                              TrainLog(s.tracker, self.console, s.settings), hooks)
+                if outcome is not Outcome.FINISHED or s.phase == len(s.phases) - 1:
+                    return outcome
+                if s.state.probe is None:
+                    s.state.probe, _ = self.evaluate(s, s.phases[s.phase].name, step=s.state.global_step)
+                self.start_phase(s, s.phase + 1)
 
     def _validate(self, s: Setup, state: TrainState, trial: SweepTrial | None) -> bool:
-        """After each epoch: exact loss, accuracy and top-5 on the validation split, logged as val/* and kept
-        in the train state (so a resumed run has the whole history). The test split chooses nothing. Returns
-        whether the sweep's pruner ends the run here."""
-        metrics, _ = evaluate(self.accelerator, s.training.model, s.batches.val, s.data.index.classes, self.console)
-        scores = {k: metrics[k] for k in ("loss", "accuracy", "top5_accuracy")}
-        state.val_history.append({"epoch": state.epoch, "global_step": state.global_step, **scores})
-        s.tracker.log({f"val/{k}": v for k, v in scores.items()}, step=state.global_step)
-        self.console.print(f"epoch {state.epoch}: validation loss {scores['loss']:.4f}, accuracy "
-                           f"{scores['accuracy']:.2%}")
+        """After each epoch: exact loss, accuracy and top-5 on the validation split, of the weights (val/*) and
+        of their average (val_ema/*, with --ema-decay), kept in the train state (so a resumed run has the whole
+        history). The test split chooses nothing. Returns whether the sweep's pruner ends the run here (on the
+        final model's numbers: the average's, with --ema-decay)."""
+        record = {"epoch": state.epoch, "global_step": state.global_step}
+        models = [("val", "", "validation", s.training.model)]
+        if s.training.ema is not None:
+            models.append(("val_ema", "ema_", "validation, average of the weights,", s.training.ema.model))
+        for prefix, key, title, model in models:
+            metrics, _ = evaluate(self.accelerator, model, s.batches.val, s.data.index.classes, self.console)
+            scores = {k: metrics[k] for k in ("loss", "accuracy", "top5_accuracy")}
+            record.update({key + k: v for k, v in scores.items()})
+            s.tracker.log({f"{prefix}/{k}": v for k, v in scores.items()}, step=state.global_step)
+            self.console.print(f"epoch {state.epoch}: {title} loss {scores['loss']:.4f}, accuracy "
+                               f"{scores['accuracy']:.2%}")
+        state.val_history.append(record)
         return trial is not None and trial.should_prune(state.epoch, scores)
 
     def _save_checkpoint(self, s: Setup) -> None:
@@ -310,15 +356,14 @@ class FineTune:
 
     def save_and_report(self, s: Setup, test_metrics: dict, outputs: dict) -> None:
         """metrics.json, model/ (what marks the run finished) and the report, on the main process; then W&B
-        and the summary."""
-        classes, state = s.data.index.classes, s.state
+        and the summary. `test_metrics` and `outputs` are the final model's; with --ema-decay the trained
+        weights themselves are evaluated too (test_raw)."""
+        classes, state, raw_model = s.data.index.classes, s.state, s.training.model
         report = build_report(outputs, classes)  # the same on every process
         test_metrics["per_class"] = report.per_class()
         state.finished = True
-        metrics = {"baseline": state.baseline, "test": test_metrics, "train": s.train_numbers(),
-                   "features": s.features, "skipped_files": sorted(s.data.bad), "config": s.run_config}
-        if state.val_history:  # the last epoch's numbers, and every epoch's
-            metrics["val"] = {**state.val_history[-1], "history": state.val_history}
+        raw = self.evaluate(s, "finetuned_raw", state.global_step, raw_model)[0] if s.training.ema else None
+        metrics = s.metrics_record(test_metrics, raw)
         if self.accelerator.is_main_process:
             # metrics.json first: model/ is what marks the run finished, so a crash between the two
             # leaves a run that --resume auto completes rather than one without metrics.
@@ -326,8 +371,8 @@ class FineTune:
             # The model is written in a thread (safetensors and hashing release the GIL) while this one
             # draws the report's pictures.
             with ThreadPoolExecutor(1) as pool:
-                saving = pool.submit(save_final_model, self.accelerator, s.training.model, self.run_dir, state,
-                                     classes, s.run_config)
+                saving = pool.submit(save_final_model, self.accelerator, s.final_model, self.run_dir, state,
+                                     classes, s.run_config, raw_model if s.training.ema is not None else None)
                 write_report(report, self.run_dir.path, s.data.images(s.data.test_rows), s.data.test_files(),
                              self.console.warn)
                 saving.result()
