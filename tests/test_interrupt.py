@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_image_tree, run_env, tiny_args
+from conftest import REPO, make_image_tree, run_env, start_launch, tiny_args
 from PIL import Image
 
 from tl_dist.data import ImageCache, index_images
@@ -160,12 +160,12 @@ def test_sigterm_to_every_process_of_a_two_process_decode(slow_tree, tmp_path):
     """As Slurm's scancel or a preemption does: SIGTERM to the launcher and both training processes in the
     middle of the decode. Rank zero removes the temp file it created (rank one only wrote into it), and
     only rank zero prints the one line."""
-    from test_resume import descendants, launch_command
+    from test_resume import descendants
 
     log = tmp_path / "log.txt"
     with log.open("w") as sink:
-        proc = subprocess.Popen(launch_command(slow_args(slow_tree, tmp_path), 2), cwd=REPO, env=run_env(),
-                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_launch(slow_args(slow_tree, tmp_path), 2, stdout=sink, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     wait_for(lambda: "decoding 0/60" in log.read_text(), proc, log)  # both processes are decoding
     for pid in [proc.pid, *descendants(proc.pid)]:
         try:

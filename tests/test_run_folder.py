@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
-from test_resume import descendants, launch_command
+from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, start_launch, tiny_args
+from test_resume import descendants
 
 from tl_dist.checkpoint import TrainState
 from tl_dist.run_dir import RunDir, verify
@@ -193,8 +193,7 @@ def test_killing_the_launcher_stops_its_workers(data, root, tmp_path):
     out = tmp_path / "run"
     run = args(data, out, root / "cache", "--epochs", "40", "--freeze", "none", batch=4)
     with open(tmp_path / "run.log", "wb") as log:
-        launcher = subprocess.Popen(launch_command(run, 2), cwd=REPO, env=run_env(), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        launcher = start_launch(run, 2, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     workers = []
     try:
         wait_for(lambda: RunDir(out).checkpoint_folders(), 300, "a checkpoint")
