@@ -24,6 +24,7 @@ import csv
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ import wandb_reader
 from accelerate_user_config import write_user_default_config
 from ci_tools import missing_tool
 from conftest import REPO, read_metrics, run_env
+from test_feature_store import flock_holders, pause_the_lock_holder, wait_until
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 from cluster import SlurmCluster, missing_requirements  # noqa: E402
@@ -45,6 +47,7 @@ WHY_NOT = missing_requirements()
 JOB_TIMEOUT = 300  # seconds; each job takes well under a minute on two idle cores
 # 40 images: 32 train / 8 test, so one epoch is 4 steps with 2 processes (batch 4), 2 steps with 4.
 SIGNAL_EPOCHS = 40  # 160 steps: still training when the signal comes, whatever the machine's speed
+ARRAY_BACKBONE = ("--model", "resnet18", "--image-size", "64")
 
 
 @pytest.fixture(scope="session")
@@ -302,10 +305,11 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
     env["SLURM_CONF"] = str(slurm_cluster.conf)
     env["HF_HOME"] = str(write_user_default_config(root / "hf_home"))
     out = root / "sweep"
+    # ResNet-18 at 64 px: a feature pass long enough to catch its builder holding the features' lock.
     array_id = slurm_cluster.sbatch(
         "--array=0-1", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={root}/sweep-%A_%a.out",
         str(REPO / "launch" / "slurm_sweep.sbatch"), str(sweep_file),
-        *train_args(image_tree, root / "cache", "--output-dir", str(out)), cwd=REPO, env=env)
+        *train_args(image_tree, root / "cache", "--output-dir", str(out), *ARRAY_BACKBONE), cwd=REPO, env=env)
     tasks = [Job(slurm_cluster, f"{array_id}_{i}", out, root / f"sweep-{array_id}_{i}.out") for i in range(2)]
 
     # A long configuration (task 1 of a 2-configuration sweep, the only one submitted) for the signal test.
@@ -326,7 +330,19 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
 
 
 def test_a_sweep_runs_as_a_job_array_one_configuration_per_task(sweep_array, image_tree):
+    """Both tasks need the same frozen-backbone features: the task that takes the features' lock is
+    paused (SIGSTOP) while it holds it, and the other waits on the lock until it goes on, then reuses
+    what it wrote."""
     sweep_file, out, tasks, env, _ = sweep_array
+    cache, cluster = out.parent / "cache", tasks[0].cluster
+    not_ended = lambda: any(cluster.job(t.id).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING")  # noqa: E731
+                            for t in tasks)
+    builder = pause_the_lock_holder(cache, not_ended, timeout=JOB_TIMEOUT)
+    try:
+        (lock,) = cache.glob(".features-*.lock")
+        wait_until(lambda: False in flock_holders(lock).values(), JOB_TIMEOUT, "the other task waiting on the lock")
+    finally:
+        os.kill(builder, signal.SIGCONT)
     folders = [out / "00-lr=0.05", out / "01-lr=0.01"]
     for i, (task, folder) in enumerate(zip(tasks, folders)):
         task.assert_completed()
@@ -341,10 +357,10 @@ def test_a_sweep_runs_as_a_job_array_one_configuration_per_task(sweep_array, ima
         record = next(r.run for r in wandb_reader.records(run) if r.WhichOneof("record_type") == "run")
         assert record.run_group == "slurm-grid"
     assert sorted(p.name for p in out.iterdir()) == [f.name for f in folders]
-    # The two tasks need the same frozen-backbone features: one computes them, the other (waiting on the
-    # features' lock if they ran at once) reuses them and says so in its Slurm output.
+    # One task computed the features; the other waited for it, then reused them, and said so.
+    waited = ["features: waiting for another run" in task.text() for task in tasks]
     said = ["features: reused" in task.text() for task in tasks]
-    assert sorted(said) == [False, True], [task.diagnose() for task in tasks]
+    assert sorted(said) == [False, True] and waited == said, [task.diagnose() for task in tasks]
 
     # The summary command collects the array's runs.
     proc = subprocess.run([sys.executable, "-m", "tl_dist.sweep", str(sweep_file), "--summary", "--output-dir",
@@ -360,7 +376,7 @@ def test_a_sweep_runs_as_a_job_array_one_configuration_per_task(sweep_array, ima
     again = tasks[0].cluster.sbatch(
         "--array=0", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10", f"--output={out.parent}/again-%A_%a.out",
         str(REPO / "launch" / "slurm_sweep.sbatch"), str(sweep_file),
-        *train_args(image_tree, out.parent / "cache", "--output-dir", str(out)), cwd=REPO, env=env)
+        *train_args(image_tree, out.parent / "cache", "--output-dir", str(out), *ARRAY_BACKBONE), cwd=REPO, env=env)
     task = Job(tasks[0].cluster, f"{again}_0", out, out.parent / f"again-{again}_0.out")
     task.assert_completed()
     assert "array task 0: configuration 0 is finished already" in task.text(), task.diagnose()
