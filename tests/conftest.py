@@ -33,6 +33,10 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST_FILES)))  # stable: each file keeps its order
 
 
+# A pid no process can have: Linux keeps pids below pid_max, which is at most 2**22. A test's own child that has
+# exited is no such pid: once reaped, its pid may be given to a new process.
+NO_SUCH_PID = 2**22 + 7
+
 # Secrets a run must never write anywhere; set for every run so tests can look for them.
 PLANTED_SECRETS = {"WANDB_API_KEY": "wandb-secret-0123456789abcdef0123456789abcdef01234567",
                    "KAGGLE_KEY": "kaggle-secret-fedcba9876543210"}

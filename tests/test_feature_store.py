@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
+from conftest import NO_SUCH_PID, REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
 
 from tl_dist.prepare import sharing_groups
 from tl_dist.features import FeatureStore, StoredFeatures
@@ -148,8 +148,7 @@ def test_a_crashed_writer_leaves_nothing_that_looks_complete(data, tmp_path):
     train(data, tmp_path / "first", shared)
     (path,) = stores(shared)
     path.with_suffix(".json").unlink()  # as if killed between the array's rename and the sidecar
-    dead = 2**22 + 7  # above the default pid_max (2**22): a pid that does not run
-    stale = shared / f".{path.stem}.tmp-{os.uname().nodename}-{dead}.npy"
+    stale = shared / f".{path.stem}.tmp-{os.uname().nodename}-{NO_SUCH_PID}.npy"
     stale.write_bytes(b"half")
     again = train(data, tmp_path / "again", shared)
     assert "backbone features of" in again.stdout and "reused" not in again.stdout
