@@ -165,6 +165,23 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
+def assert_close(ours, expected, rel: float, where: str = "") -> None:
+    """`ours == pytest.approx(expected, rel=rel)` for nested dicts and lists (pytest.approx takes flat ones
+    only, and from pytest 9.2 refuses the others): floats within `rel`, everything else equal."""
+    if isinstance(expected, dict):
+        assert isinstance(ours, dict) and ours.keys() == expected.keys(), where
+        for key in expected:
+            assert_close(ours[key], expected[key], rel, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(ours, list) and len(ours) == len(expected), where
+        for i, (a, b) in enumerate(zip(ours, expected)):
+            assert_close(a, b, rel, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert ours == pytest.approx(expected, rel=rel), where
+    else:
+        assert ours == expected, where
+
+
 def reset_accelerate_state() -> None:
     from accelerate.state import AcceleratorState, GradientState, PartialState
 

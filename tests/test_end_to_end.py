@@ -1,5 +1,5 @@
-"""The article's workflow end to end with the real VGG16, on 102 generated classes (conftest.caltech_like): in process and
-through `accelerate launch` with two processes. Checks metrics.json against the contract and reads back
+"""The article's workflow end to end with the real VGG16, on 102 generated classes (conftest.caltech_like): in
+process and through `accelerate launch` with two processes. Checks metrics.json against the contract and reads back
 what W&B wrote offline."""
 
 from __future__ import annotations

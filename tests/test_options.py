@@ -28,8 +28,8 @@ import pytest
 import torch
 import wandb_reader
 from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
-from conftest import (REPO, launch, make_image_tree, read_metrics, run_env, run_module, start_launch, tiny_args,
-                      train_in_process)
+from conftest import (REPO, assert_close, launch, make_image_tree, read_metrics, run_env, run_module, start_launch,
+                      tiny_args, train_in_process)
 from safetensors.torch import load_file
 from test_resume import descendants, signal_if_alive
 
@@ -133,8 +133,7 @@ def without_timings(metrics: dict) -> dict:
 def assert_same_metrics(run: Path, reference: Path, rtol: float) -> None:
     ours, ref = read_metrics(run), read_metrics(reference)
     for split in ("baseline", "test"):
-        for key, value in without_timings(ref[split]).items():
-            assert ours[split][key] == pytest.approx(value, rel=rtol), (split, key)
+        assert_close(without_timings(ours[split]), without_timings(ref[split]), rtol, split)
     assert ours["train"]["epoch_loss"] == pytest.approx(ref["train"]["epoch_loss"], rel=rtol)
 
 

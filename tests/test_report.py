@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import wandb_reader
-from conftest import launch, read_metrics, tiny_args
+from conftest import assert_close, launch, read_metrics, tiny_args
 from test_metrics import check_against_logits
 from tl_dist import report as rpt
 from tl_dist import run_dir as run_files
@@ -153,7 +153,7 @@ def test_eval_only_gives_the_same_report_from_two_processes(report_run, cache_di
     m1, m2 = read_csv(out / run_files.MISTAKES_CSV), read_csv(evaluated / run_files.MISTAKES_CSV)
     assert [(m["file"], m["pred"]) for m in m1] == [(m["file"], m["pred"]) for m in m2]
     assert [float(m["confidence"]) for m in m1] == pytest.approx([float(m["confidence"]) for m in m2], abs=1e-5)
-    assert read_metrics(evaluated)["test"]["per_class"] == pytest.approx(read_metrics(out)["test"]["per_class"])
+    assert_close(read_metrics(evaluated)["test"]["per_class"], read_metrics(out)["test"]["per_class"], 1e-6)
     check_png(evaluated / run_files.CONFUSION_PNG)
     check_png(evaluated / run_files.MISTAKES_PNG)
     assert "weakest" in proc.stdout and "baseline" in proc.stdout

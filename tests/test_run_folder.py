@@ -173,7 +173,7 @@ def test_one_run_per_folder_and_no_stale_lock(data, root, tmp_path):
             os.killpg(first.pid, signal.SIGKILL)
 
 
-def test_eval_only_and_predict_only_read_a_run(ref1, tmp_path):
+def test_eval_only_and_predict_only_read_a_run(ref1, data, tmp_path):
     """They take no lock and change nothing: --eval-only writes its results to eval/<model>/ only."""
     out = tmp_path / "run"
     shutil.copytree(ref1, out)
@@ -183,8 +183,11 @@ def test_eval_only_and_predict_only_read_a_run(ref1, tmp_path):
     after = snapshot(out)
     assert {k: v for k, v in after.items() if not k.startswith("eval/")} == before
     assert read_metrics(out / "eval" / "model")["test"]["loss"] == pytest.approx(read_metrics(ref1)["test"]["loss"])
-    predict = run_module(["--checkpoint", str(out), str(REPO / "docs")], module="tl_dist.predict")
-    assert snapshot(out) == after and predict.returncode in (0, 1)
+    images = sorted((data / "class_01").iterdir())[:3]
+    predict = run_module(["--checkpoint", str(out), *map(str, images), "--json"], module="tl_dist.predict")
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    assert [json.loads(line)["file"] for line in predict.stdout.splitlines()] == list(map(str, images))
+    assert snapshot(out) == after
 
 
 # ---------------------------------------------------------------- 4. killing the launcher
