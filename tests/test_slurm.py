@@ -5,7 +5,8 @@ gloo. The four jobs are submitted together and run side by side:
 1. launch/slurm_multi_node.sbatch on 2 nodes x 2 processes trains, writes metrics.json, one W&B run;
 2. launch/slurm_single_node.sbatch with 2 processes, without --output-dir: the same in runs/slurm-<id>;
 3. `scancel --signal=USR1 --batch` during training: a checkpoint, a requeue, a resumed run that finishes,
-   one W&B run id from start to end and no training step logged twice;
+   one W&B run id from start to end and no training step logged twice; a plain `scancel` of another such job
+   (held until its test): a checkpoint that a resumed run finishes from;
 4. a user error (a missing --data-dir) with 2 processes: the job fails and its log ends with the training's
    one `error:` line (repeated by the script after torchrun's report);
 5. launch/slurm_sweep.sbatch as a 2-task job array: one configuration per task, each a finished run in its
@@ -15,7 +16,7 @@ All four are submitted with a user's Accelerate default config in place (HF_HOME
 tests/accelerate_user_config.py): the scripts launch with the repository's configs, so it does not merge in.
 
 Needs root, slurm-wlm and munge (apt-get install slurm-wlm munge); skipped with the reason otherwise, and
-failed instead under CI=true as root, where .ci/run installs them.
+failed instead under CI=true, where .ci/run runs as root and installs them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import pytest
 import wandb_reader
 from accelerate_user_config import write_user_default_config
 from ci_tools import missing_tool
-from conftest import REPO, read_metrics, run_env
+from conftest import REPO, launch, read_metrics, run_env
 from test_feature_store import flock_holders, pause_the_lock_holder, wait_until
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
@@ -129,6 +130,15 @@ def slurm_jobs(slurm_cluster, image_tree, tmp_path_factory) -> dict[str, Job]:
                     "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--output-dir", str(out)),
         cwd=REPO, env=env)
     jobs["signal"] = Job(slurm_cluster, job_id, out, root / f"signal-{job_id}.out")
+
+    # Cancelled by its test with a plain scancel; held until then, so that it is still training.
+    out = root / "cancel"
+    job_id = slurm_cluster.sbatch(
+        "--hold", *common, f"--output={root}/cancel-%j.out", str(REPO / "launch" / "slurm_single_node.sbatch"),
+        *train_args(image_tree, root / "cache-cancel", "--epochs", str(SIGNAL_EPOCHS), "--freeze", "none", "--lr",
+                    "0.02", "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--output-dir", str(out)),
+        cwd=REPO, env=env)
+    jobs["cancel"] = Job(slurm_cluster, job_id, out, root / f"cancel-{job_id}.out")
 
     # The multi-node job again, with each node's own disk at the --cache-dir path (node-local scratch).
     out, cache = root / "node-local", root / "cache-node-local"
@@ -227,6 +237,36 @@ def test_usr1_checkpoints_requeues_and_resumes_the_same_run(slurm_jobs):
     first, second = (train_steps(f) for f in folders)
     assert first == list(range(1, stop_step + 1))
     assert second == list(range(stop_step + 1, 4 * SIGNAL_EPOCHS + 1))
+
+
+def test_scancel_stops_the_job_with_a_checkpoint_that_a_resubmission_finishes(slurm_jobs):
+    """A plain `scancel` (SIGTERM to every process of the job, SIGKILL KillWait seconds later): the training
+    saves a checkpoint at the next step and stops; the same options again with --resume auto (what the
+    job script adds) finish the run from there."""
+    job = slurm_jobs["cancel"]
+    cluster = job.cluster
+    cluster.run("scontrol", "release", job.id)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not list((job.out / "checkpoints").glob("step_*/train_state.json")):
+        assert cluster.job(job.id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job.diagnose()
+        assert time.monotonic() < deadline, job.diagnose()
+        time.sleep(0.2)
+    cluster.run("scancel", job.id)
+    assert job.wait()["JobState"] == "CANCELLED", job.diagnose()
+    while "stopped with a checkpoint" not in job.text():  # the job script's last line, within KillWait
+        assert time.monotonic() < deadline, job.diagnose()
+        time.sleep(0.2)
+    text = job.text()
+    stopped = re.search(r"stop\s+requested\s+\((?:SIGTERM|\S*STOP\s+exists)\):\s+saving\s+a\s+checkpoint\s+at\s+step\s+"
+                        r"(\d+)", text)
+    assert stopped, job.diagnose()  # (the launcher, SIGTERMed too, exits 1: torchrun's SignalException)
+    step = int(stopped.group(1))
+    assert 5 <= step < 4 * SIGNAL_EPOCHS
+    assert re.search(rf"stopped with a checkpoint, \S*checkpoints/step_{step};", text), job.diagnose()
+
+    resumed = launch(["--resume", "auto", "--output-dir", str(job.out), "--wandb-mode", "disabled"], nproc=2)
+    assert re.search(rf"resumed\s+from\s+\S*checkpoints/step_{step}\s", resumed.stdout), resumed.stdout[-3000:]
+    assert read_metrics(job.out)["train"]["global_step"] == 4 * SIGNAL_EPOCHS
 
 
 def test_multi_node_job_trains_on_two_nodes(slurm_jobs):
