@@ -36,7 +36,7 @@ def vgg16_state_dict(tmp_path_factory) -> Path:
 
 def vgg16_args(caltech_like, out, cache, weights, *extra):
     return ["--data-dir", str(caltech_like), "--output-dir", str(out), "--cache-dir", str(cache),
-            "--weights", str(weights), "--max-samples", "400", "--epochs", "2", "--wandb-mode", "offline",
+            "--weights", str(weights), "--max-samples", "204", "--epochs", "2", "--wandb-mode", "offline",
             "--checkpoint-every-epochs", "0", *extra]
 
 
@@ -55,7 +55,7 @@ def check_run(out: Path, num_processes: int, num_classes: int = 102):
     metrics = read_metrics(out)
     split = json.loads((out / "split.json").read_text())
     n_test = len(split["test"])
-    assert n_test == num_classes  # 3 to 5 images per class in the 400-image sample -> 1 test image each
+    assert n_test == num_classes  # 2 images per class in the 204-image sample -> 1 test image each
     for section in ("baseline", "test"):
         assert METRIC_KEYS <= metrics[section].keys()
         assert metrics[section]["num_samples"] == n_test

@@ -14,6 +14,7 @@ import pytest
 import wandb_reader
 from ci_tools import missing_tool
 from conftest import REPO, read_metrics, run_env, run_module, tiny_args
+from tl_dist.config import parse_args
 
 
 def error_lines(text: str) -> list[str]:
@@ -83,14 +84,15 @@ def test_without_wandb_disabled_runs_and_the_default_says_what_to_do(image_tree,
 
 
 @pytest.mark.parametrize("lr", ["1e39", "0", "-0.1"])
-def test_an_lr_float32_cannot_hold_is_refused(lr, image_tree, tmp_path):
+def test_an_lr_float32_cannot_hold_is_refused(lr, image_tree, tmp_path, capsys):
     """The optimizer computes in float32, whose largest number is about 3.4e38: an --lr above 3e38 would be
-    inf in the first step. Refused by the parser, as a non-positive one, before anything is written."""
-    proc = run_module(tiny_args(image_tree, tmp_path / "run", tmp_path / "cache", "--lr", lr))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert error_lines(proc.stderr) == [f"error: argument --lr: must be positive and below 3e38, got {float(lr)} "
-                                        "(see python -m tl_dist.train --help)"]
-    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    inf in the first step. Refused by the parser, as a non-positive one (so before anything is written)."""
+    with pytest.raises(SystemExit) as exit:
+        parse_args(tiny_args(image_tree, tmp_path / "run", tmp_path / "cache", "--lr", lr))
+    assert exit.value.code == 2
+    assert error_lines(capsys.readouterr().err) == [
+        f"error: argument --lr: must be positive and below 3e38, got {float(lr)} (see python -m tl_dist.train --help)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 FAKE_XLA = {  # the modules of torch_xla that Accelerate imports when it finds it installed
