@@ -4,10 +4,10 @@ quick start without network).
 
 Each class is one shape in one colour (`red_circle`, `green_square`, ...) drawn at a random place, size and
 angle on a noisy grey background, so a small network learns it from random weights in seconds. The files
-have the real data's quirks: about one in ten images is grayscale (as in Caltech-101), and the others of
-that share are a palette PNG with a transparent colour, a CMYK JPEG, a 16-bit PNG, an RGBA PNG, a GIF, a
-BMP, a TIFF and a WebP; every image has its own size and aspect ratio, and extensions come in both cases.
-The same arguments give the same pixels.
+have the real data's quirks: of every ten images of a class one is a plain RGB JPEG and each of the others
+has one quirk (QUIRKS): grayscale (as about a tenth of Caltech-101 is), a palette PNG with a transparent
+colour, a CMYK JPEG (with an upper-case extension), a 16-bit PNG, an RGBA PNG, a GIF, a BMP, a TIFF, a WebP.
+Every image has its own size and aspect ratio. The same arguments give the same pixels.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (40, 60, 230), 
            "navy": (20, 30, 110), "teal": (20, 120, 120), "olive": (120, 120, 20), "maroon": (120, 20, 40),
            "black": (10, 10, 10)}
 MAX_CLASSES = len(SHAPES) * len(COLOURS)  # 102, as many as Caltech-101 has
-# Image i of a class (i modulo 10) is saved as: the real data's quirks, one each in ten.
+# How image i of a class is saved, by i modulo 10 (0: a plain RGB JPEG).
+QUIRKS = {1: "grayscale", 2: "palette", 3: "cmyk", 4: "16bit", 5: "rgba", 6: "gif", 7: "bmp", 8: "tiff",
+          9: "webp"}
 # The quick start without network: a network that learns the shapes from random weights (ImageNet weights
 # would be a download too), with the whole workflow of a run (its frozen backbone's features included).
 TRAIN_OPTIONS = ("--model", "resnet18", "--weights", "none", "--image-size", "64", "--batch-size", "16",
                  "--lr", "0.005", "--epochs", "10")
-QUIRKS = {1: "grayscale", 2: "palette", 3: "cmyk", 4: "16bit", 5: "rgba", 6: "gif", 7: "bmp", 8: "tiff",
-          9: "webp"}
 
 
 def class_names(classes: int) -> list[str]:
@@ -46,7 +46,7 @@ def class_names(classes: int) -> list[str]:
 
 
 def draw(name: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """One picture of class `name` (`<colour>_<shape>`), about `size` px on its longer side."""
+    """One picture of class `name` (`<colour>_<shape>`), each side 0.7 to 1.3 times `size` px."""
     colour, shape = name.rsplit("_", 1)
     width, height = (max(12, int(size * f)) for f in rng.uniform(0.7, 1.3, 2))
     grey = rng.integers(100, 160)
@@ -116,8 +116,8 @@ def save(img: Image.Image, stem: Path, quirk: str | None) -> Path:
 def make_shapes(root: Path, classes: int = 10, per_class: int = 60, size: int = 64, seed: int = 0,
                 quirks: bool = True) -> Path:
     """Write `classes` class folders of `per_class` images each under `root` (created; it must not hold
-    them already). `quirks`: save one image in ten per quirk of the real data (see QUIRKS), else all as
-    RGB JPEGs. Returns `root`."""
+    them already). `quirks`: nine images in ten in the real data's odd formats (QUIRKS), else all RGB JPEGs.
+    Returns `root`."""
     root = Path(root)
     for c, name in enumerate(class_names(classes)):
         folder = root / name
