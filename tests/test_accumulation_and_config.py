@@ -107,5 +107,6 @@ def test_a_config_file_with_an_unknown_option_is_refused(tmp_path):
     options.write_text(json.dumps({"learning_rate": 0.1}))
     proc = run_module(["--config", str(options), "--output-dir", str(tmp_path / "run")])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith(f"{options} has unknown option(s): learning_rate")
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"error: argument --config: {options} has unknown option(s): learning_rate (see python -m tl_dist.train --help)"
     assert not (tmp_path / "run").exists()
