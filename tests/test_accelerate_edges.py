@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from accelerate_user_config import write_user_default_config
-from conftest import REPO, _free_port, run_env, tiny_args
+from conftest import REPO, run_env, taken_port, tiny_args
 
 TRAIN = str(REPO / "tl_dist" / "train.py")
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -21,8 +21,12 @@ ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 def accelerate_launch(launch_args: list[str], train_args: list[str], cwd: Path, env: dict | None = None
                       ) -> subprocess.CompletedProcess:
-    return subprocess.run([*ACCELERATE, *launch_args, TRAIN, *train_args], cwd=cwd, env=run_env(env),
-                          capture_output=True, text=True, timeout=300)
+    """`accelerate launch LAUNCH_ARGS tl_dist/train.py TRAIN_ARGS`; `{port}` in LAUNCH_ARGS becomes a port
+    of conftest.taken_port()."""
+    with taken_port() as s:
+        launch_args = [a.replace("{port}", str(s.getsockname()[1])) for a in launch_args]
+        return subprocess.run([*ACCELERATE, *launch_args, TRAIN, *train_args], cwd=cwd, env=run_env(env),
+                              capture_output=True, text=True, timeout=300)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -73,7 +77,7 @@ def test_fsdp_launch_is_refused_before_anything_is_written(tmp_path, image_tree)
     out = tmp_path / "run"
     proc = accelerate_launch(
         ["--use_fsdp", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(_free_port())],
+         "--dynamo_backend", "no", "--main_process_port", "{port}"],
         tiny_args(image_tree, out, tmp_path / "cache"), cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     check_refused(proc, "FSDP", out)
     assert not (tmp_path / "cache").exists()
@@ -91,6 +95,6 @@ def test_deepspeed_and_megatron_are_refused(tmp_path, image_tree):
     assert last_line(deepspeed.stderr) == error_lines(deepspeed.stderr)[0]
     megatron = accelerate_launch(
         ["--use_megatron_lm", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "--main_process_port", str(_free_port())],
+         "--dynamo_backend", "no", "--main_process_port", "{port}"],
         tiny_args(image_tree, out, tmp_path / "cache"), cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf")})
     check_refused(megatron, "Megatron-LM", out)

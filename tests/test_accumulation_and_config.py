@@ -60,6 +60,17 @@ def test_accumulation_from_the_environment(data, batch32, tmp_path):
                       env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(out)["test"]["loss"] == pytest.approx(read_metrics(batch32)["test"]["loss"], rel=1e-4)
+    assert json.loads((out / "config.json").read_text())["gradient_accumulation_resolved"] == 2
+
+    flag = tmp_path / "flag"  # the same, with the flag saying 1: batches of 16, two steps an epoch
+    proc = run_module([*tiny_args(data, flag, tmp_path / "cache", "--dropout", "0", "--checkpoint-every-epochs", "0",
+                                  "--wandb-mode", "disabled"), "--batch-size", "16", "--gradient-accumulation-steps", "1"],
+                      env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "global batch 16 (16 per process)" in " ".join(proc.stdout.split())
+    config, metrics = json.loads((flag / "config.json").read_text()), read_metrics(flag)
+    assert (config["gradient_accumulation_resolved"], config["global_batch_size"]) == (1, 16)
+    assert metrics["train"]["global_step"] == 2 * 2 == 2 * read_metrics(out)["train"]["global_step"]
 
 
 def test_config_file_reproduces_a_run(data, tmp_path):
@@ -83,6 +94,12 @@ def test_a_yaml_config_gives_defaults_and_flags_win(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert (config["lr"], config["epochs"], config["image_size"]) == (0.03, 3, 32)
+    # What the run did follows the file too: its data, network, cache, one step, no W&B; and the flag's lr.
+    metrics = read_metrics(out)
+    assert (metrics["train"]["global_step"], metrics["train"]["lr"], metrics["test"]["num_samples"]) == (1, 0.03, 8)
+    assert metrics["config"]["model"] == "vgg_tiny" and config["data_dir"] == str(data)
+    assert json.loads((out / "split.json").read_text())["classes"] == [f"class_{c:02d}" for c in range(4)]
+    assert len(list((tmp_path / "cache").glob("images-*-32px.npy"))) == 1 and not (out / "wandb").exists()
 
 
 def test_a_config_file_with_an_unknown_option_is_refused(tmp_path):

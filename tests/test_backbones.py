@@ -146,25 +146,49 @@ def test_vit_weights_are_interpolated_to_the_image_size(tmp_path):
 
 # ---------------------------------------------------------------- the real entry point, one run per family
 
-RUNS = {  # network: (image size, extra options)
-    "resnet18": (32, ["--epochs", "2"]),  # a checkpoint after epoch 1
-    "efficientnet_b0": (32, ["--channels-last"]),
+RUNS = {  # network: (image size, extra options); two epochs each, with a checkpoint after the first
+    "resnet18": (32, []),
+    "efficientnet_b0": (32, ["--channels-last", "--lr", "0.001"]),
     "convnext_tiny": (32, ["--mixed-precision", "bf16"]),
     "vit_b_32": (32, []),
 }
+# At random initialisation EfficientNet's features vanish in eval mode (about 1e-15: its BatchNorm layers
+# expect the statistics of trained weights), so no head could learn from them. Its run gets random weights
+# whose BatchNorm statistics were measured on the images, as pretrained weights' were on theirs.
+MEASURED_BATCHNORM = {"efficientnet_b0"}
+
+
+def weights_with_measured_batchnorm(arch: str, data: Path, size: int, path: Path) -> Path:
+    """A state_dict of `arch` (random, seeded, its 1000-way head) whose BatchNorm running statistics are the
+    means over the images of `data`, normalised as the runs do; saved to `path` for --weights PATH."""
+    from tl_dist.data import index_images, load_image, normalize
+
+    torch.manual_seed(0)
+    net = models.get_model(arch)
+    for layer in net.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.momentum = None  # a cumulative average over every batch
+    index = index_images(data)
+    images = torch.stack([torch.from_numpy(load_image(index.root / f, size)) for f in index.files])
+    with torch.no_grad():
+        net.train()(normalize(images.permute(0, 3, 1, 2)))
+    save_file(net.state_dict(), str(path))
+    return path
 
 
 @pytest.fixture(scope="module")
 def family_runs(image_tree, tmp_path_factory):
-    """One epoch of each network with --weights none and the feature cache (the frozen extractor's
-    default), run at the same time as real processes (much of their time is importing torch)."""
+    """Each network trained on the feature cache (the frozen extractor's default) from random weights, run
+    at the same time as real processes (much of their time is importing torch)."""
     root = tmp_path_factory.mktemp("backbones")
     procs = {}
     for arch, (size, extra) in RUNS.items():
         out = root / arch
+        weights = str(weights_with_measured_batchnorm(arch, image_tree, size, root / f"{arch}.safetensors")
+                      if arch in MEASURED_BATCHNORM else "none")
         args = ["--data-dir", str(image_tree), "--output-dir", str(out), "--cache-dir", str(root / "cache"),
-                "--model", arch, "--weights", "none", "--image-size", str(size), "--batch-size", "8",
-                "--epochs", "1", "--lr", "0.01", "--wandb-mode", "disabled", *extra]
+                "--model", arch, "--weights", weights, "--image-size", str(size), "--batch-size", "8",
+                "--epochs", "2", "--lr", "0.01", "--wandb-mode", "disabled", *extra]
         procs[arch] = (subprocess.Popen([sys.executable, "-m", "tl_dist.train", *args], cwd=REPO, env=run_env(),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
     runs = {}
@@ -182,17 +206,35 @@ def confusion_of(run_dir: Path) -> dict[tuple[str, str], int]:
 
 
 @pytest.mark.parametrize("arch", list(RUNS))
-def test_each_family_trains_and_predict_agrees_with_its_evaluation(arch, family_runs, image_tree):
+def test_each_family_trains(arch, family_runs):
+    """The head learnt: the training loss fell from the first epoch to the second, and the test loss
+    moved. The head alone: for EfficientNet every tensor but the head's is its --weights file's."""
+    out = family_runs[arch]
+    metrics = read_metrics(out)
+    losses = metrics["train"]["epoch_loss"]
+    assert len(losses) == 2 and losses[1] < 0.97 * losses[0], losses
+    assert metrics["test"]["loss"] != metrics["baseline"]["loss"]
+    if arch in MEASURED_BATCHNORM:
+        trained, started = load_file(out / "model" / "model.safetensors"), load_file(out.parent / f"{arch}.safetensors")
+        assert trained.keys() == started.keys()
+        new_head = {k for k in trained if trained[k].shape != started[k].shape}  # 4-way, not 1000-way
+        assert new_head == {f"{FAMILIES[family_name(arch)].head}.1.{name}" for name in ("weight", "bias")}
+        assert [k for k in trained if k not in new_head and not torch.equal(trained[k], started[k])] == []
+
+
+@pytest.mark.parametrize("arch", list(RUNS))
+def test_predict_agrees_with_the_evaluation(arch, family_runs, image_tree):
     """The run evaluated every test image with the feature cache; `python -m tl_dist.predict` on its run
     folder (no --model: the network comes from config.json) gives, image by image, the same top-1 classes:
-    the confusion matrix it builds is the run's."""
+    the confusion matrix it builds is the run's. predict computes in float32: for a bf16 run an image whose
+    two best classes are within bf16's rounding of each other may go to either."""
     out = family_runs[arch]
     metrics, config = read_metrics(out), json.loads((out / "model" / "config.json").read_text())
     split = json.loads((out / "split.json").read_text())
     assert config["model"] == arch and config["feature_cache"] is True
     assert (config["mean"], config["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     assert metrics["test"]["num_samples"] == len(split["test"]) == 8 and len(split["train"]) == 32
-    assert metrics["train"]["global_step"] == 4 * (2 if arch == "resnet18" else 1)
+    assert metrics["train"]["global_step"] == 2 * 4
     assert metrics["features"]["images_per_second"] > 0
     weights = load_file(out / "model" / "model.safetensors")
     head = FAMILIES[family_name(arch)].head
@@ -202,12 +244,21 @@ def test_each_family_trains_and_predict_agrees_with_its_evaluation(arch, family_
     proc = run_module(["--checkpoint", str(out), *files, "--json", "--top-k", "2"], module="tl_dist.predict")
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines()]
-    predicted: dict[tuple[str, str], int] = {}
-    for result, rel in zip(results, split["test"]):
-        key = (rel.split("/")[0], result["top_k"][0]["class"])
-        predicted[key] = predicted.get(key, 0) + 1
-    assert predicted == confusion_of(out)
+    near_tie = 0.02 if config["mixed_precision_resolved"] == "bf16" else 0.0  # in probability
+    candidates = [(rel.split("/")[0], [c["class"] for c in result["top_k"]
+                                       if result["top_k"][0]["probability"] - c["probability"] <= near_tie])
+                  for result, rel in zip(results, split["test"], strict=True)]
+    assert sum(len(c) > 1 for _, c in candidates) <= 2, candidates  # a few near-ties at most
+    assert confusion_of(out) in possible_confusions(candidates)
     assert f"({arch}, 4 classes, 32 px)" in proc.stderr
+
+
+def possible_confusions(candidates: list[tuple[str, list[str]]]) -> list[dict[tuple[str, str], int]]:
+    """Every confusion matrix ({(label, predicted): count}) that the images' candidate predictions allow."""
+    matrices = [{}]
+    for label, classes in candidates:
+        matrices = [{**m, (label, c): m.get((label, c), 0) + 1} for m in matrices for c in classes]
+    return matrices
 
 
 def test_load_model_from_python(family_runs, image_tree):

@@ -36,6 +36,8 @@ def test_real_clients_reach_the_network_and_fail_with_one_line(tmp_path):
         in message, message
     assert "; kaggle: ProxyError: HTTPSConnectionPool(host='api.kaggle.com'" in message, message
     assert "; torchvision: URLError: <urlopen error [Errno 111] Connection refused>" in message, message
+    assert message.endswith("Without network, try the workflow on generated data: python -m tl_dist.shapes "
+                            "data/shapes (README, Quick start)."), message  # tests/test_learning.py runs it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]  # no data/, no run folder, no cache
 
 

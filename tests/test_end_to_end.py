@@ -1,5 +1,5 @@
-"""The article's workflow end to end with the real VGG16, on the real Caltech-101 sample: in process and
-through `accelerate launch` with two processes. Checks metrics.json against the contract and reads back
+"""The article's workflow end to end with the real VGG16, on 102 generated classes (conftest.caltech_like): in
+process and through `accelerate launch` with two processes. Checks metrics.json against the contract and reads back
 what W&B wrote offline."""
 
 from __future__ import annotations
@@ -34,18 +34,18 @@ def vgg16_state_dict(tmp_path_factory) -> Path:
     return path
 
 
-def vgg16_args(sample_dir, out, cache, weights, *extra):
-    return ["--data-dir", str(sample_dir), "--output-dir", str(out), "--cache-dir", str(cache),
-            "--weights", str(weights), "--max-samples", "400", "--epochs", "2", "--wandb-mode", "offline",
+def vgg16_args(caltech_like, out, cache, weights, *extra):
+    return ["--data-dir", str(caltech_like), "--output-dir", str(out), "--cache-dir", str(cache),
+            "--weights", str(weights), "--max-samples", "204", "--epochs", "2", "--wandb-mode", "offline",
             "--checkpoint-every-epochs", "0", *extra]
 
 
 @pytest.fixture(scope="module")
-def inprocess_run(sample_dir, vgg16_state_dict, tmp_path_factory):
+def inprocess_run(caltech_like, vgg16_state_dict, tmp_path_factory):
     """`python -m tl_dist.train` in this process (the real VGG16 at 64 px, 2 epochs)."""
     root = tmp_path_factory.mktemp("e2e")
     out = root / "run"
-    code = train_in_process(vgg16_args(sample_dir, out, root / "cache", vgg16_state_dict, "--image-size", "64"),
+    code = train_in_process(vgg16_args(caltech_like, out, root / "cache", vgg16_state_dict, "--image-size", "64"),
                             env={"WANDB_MODE": "offline", "WANDB_DIR": None})
     assert code == 0
     return out
@@ -55,7 +55,7 @@ def check_run(out: Path, num_processes: int, num_classes: int = 102):
     metrics = read_metrics(out)
     split = json.loads((out / "split.json").read_text())
     n_test = len(split["test"])
-    assert n_test == num_classes  # 4 images per class in the 400-image sample -> 1 test image each
+    assert n_test == num_classes  # 2 images per class in the 204-image sample -> 1 test image each
     for section in ("baseline", "test"):
         assert METRIC_KEYS <= metrics[section].keys()
         assert metrics[section]["num_samples"] == n_test
@@ -117,19 +117,19 @@ def file_hashes(run_dir: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_finished_run_resumes_as_done_and_evaluates_the_same(inprocess_run, sample_dir):
+def test_finished_run_resumes_as_done_and_evaluates_the_same(inprocess_run, caltech_like):
     before = file_hashes(inprocess_run)
     assert len(before) > 3 + 3  # the model's weights, classes, config and train state among them
-    proc = run_module(["--resume", "auto", "--output-dir", str(inprocess_run), "--data-dir", str(sample_dir),
+    proc = run_module(["--resume", "auto", "--output-dir", str(inprocess_run), "--data-dir", str(caltech_like),
                        "--wandb-mode", "disabled"])
     assert proc.returncode == 0 and "is finished (2 epochs" in proc.stdout
     assert file_hashes(inprocess_run) == before  # byte for byte: nothing was trained, saved or rewritten
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_processes_vgg16(sample_dir, vgg16_state_dict, tmp_path):
+def test_accelerate_launch_two_processes_vgg16(caltech_like, vgg16_state_dict, tmp_path):
     out = tmp_path / "run"
-    launch(vgg16_args(sample_dir, out, tmp_path / "cache", vgg16_state_dict, "--image-size", "32"), nproc=2)
+    launch(vgg16_args(caltech_like, out, tmp_path / "cache", vgg16_state_dict, "--image-size", "32"), nproc=2)
     check_run(out, num_processes=2)
 
 

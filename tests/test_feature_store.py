@@ -3,15 +3,18 @@ one builder at a time, nothing that looks complete after a crash, stored in the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
+from conftest import NO_SUCH_PID, REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args
 
 from tl_dist.prepare import sharing_groups
 from tl_dist.features import FeatureStore, StoredFeatures
@@ -65,17 +68,78 @@ def test_two_processes_reuse_what_one_computed(data, tmp_path):
     assert other["test"]["loss"] == pytest.approx(one["test"]["loss"], rel=1e-5)
 
 
-def test_of_two_runs_at_once_one_computes_and_the_other_reuses(data, tmp_path):
+def flock_holders(lock: Path) -> dict[int, bool]:
+    """{pid: holds} of the processes that hold (True) or wait for (False) an flock of `lock`, from the
+    kernel's own list (/proc/locks: `N: FLOCK ADVISORY WRITE pid dev:inode ...`, waiters marked `->`)."""
+    try:
+        inode = os.stat(lock).st_ino
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()[1:]
+        waits = fields[0] == "->"
+        kind, pid, where = fields[waits:][0], int(fields[waits:][3]), fields[waits:][4]
+        if kind == "FLOCK" and int(where.rsplit(":", 1)[1]) == inode:
+            found[pid] = not waits
+    return found
+
+
+def pause_the_lock_holder(cache: Path, running, timeout: float = 300) -> int:
+    """SIGSTOP the process that holds the features' build lock in `cache`, once one does, while `running()`
+    says the runs are not over; returns its pid. It is stopped before it is looked at, so it cannot let go
+    of the lock in between."""
+    deadline = time.monotonic() + timeout
+    while running() and time.monotonic() < deadline:
+        for lock in cache.glob(".features-*.lock"):
+            for pid in [p for p, holds in flock_holders(lock).items() if holds]:
+                os.kill(pid, signal.SIGSTOP)
+                if flock_holders(lock).get(pid):
+                    return pid
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError(f"no process was seen holding the features' lock in {cache}")
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_run_waits_while_another_computes_the_features(data, tmp_path):
+    """Two runs need the same missing features: the first is paused (SIGSTOP) while it holds the build
+    lock, and the second waits for it, however long; once the first goes on, it writes the features and
+    the second reuses them. (Without the lock the second computes them too.) ResNet-18 at 64 px on one
+    thread: a feature pass long enough to be caught holding the lock."""
     shared = tmp_path / "shared"
-    procs = [subprocess.Popen([sys.executable, "-m", "tl_dist.train",
-                               *tiny_args(data, tmp_path / f"run{i}", shared, *RUN, "--lr", str(0.01 * (i + 1)))],
-                              cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
-    computed = ["backbone features of" in out for out, _ in outputs]
-    reused = ["features: reused" in out for out, _ in outputs]
-    assert sorted(computed) == [False, True] and sorted(reused) == [False, True], outputs
+    args = [*RUN, "--model", "resnet18", "--image-size", "64", "--num-threads", "1"]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = []
+    try:
+        for i, log in enumerate(logs):
+            with log.open("wb") as sink:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "tl_dist.train", *tiny_args(data, tmp_path / f"run{i}", shared, *args)],
+                    cwd=REPO, env=run_env(), stdout=sink, stderr=subprocess.STDOUT))
+            if i == 0:
+                assert pause_the_lock_holder(shared, lambda: procs[0].poll() is None) == procs[0].pid
+        (lock,) = shared.glob(".features-*.lock")
+        wait_until(lambda: flock_holders(lock).get(procs[1].pid) is False, 300, "the second run waiting on the lock")
+        assert procs[1].poll() is None and "features: waiting for another run" in logs[1].read_text()
+        assert stores(shared) == []
+        os.kill(procs[0].pid, signal.SIGCONT)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGCONT)
+                p.kill()
+    first, second = (log.read_text() for log in logs)
+    assert codes == [0, 0], (first[-2000:], second[-2000:])
+    assert "backbone features of" in first and "features: reused" not in first
+    assert "features: reused" in second and "backbone features of" not in second
     assert len(stores(shared)) == 1 and not [p for p in shared.glob(".features-*") if p.suffix != ".lock"]
 
 
@@ -84,8 +148,7 @@ def test_a_crashed_writer_leaves_nothing_that_looks_complete(data, tmp_path):
     train(data, tmp_path / "first", shared)
     (path,) = stores(shared)
     path.with_suffix(".json").unlink()  # as if killed between the array's rename and the sidecar
-    dead = 2**22 + 7  # above the default pid_max (2**22): a pid that does not run
-    stale = shared / f".{path.stem}.tmp-{os.uname().nodename}-{dead}.npy"
+    stale = shared / f".{path.stem}.tmp-{os.uname().nodename}-{NO_SUCH_PID}.npy"
     stale.write_bytes(b"half")
     again = train(data, tmp_path / "again", shared)
     assert "backbone features of" in again.stdout and "reused" not in again.stdout

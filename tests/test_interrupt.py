@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, make_image_tree, run_env, tiny_args
+from conftest import NO_SUCH_PID, REPO, make_image_tree, run_env, start_launch, tiny_args
 from PIL import Image
 
 from tl_dist.cache_entry import STALE_TMP_SECONDS, remove_stale_temps
@@ -115,8 +115,12 @@ def test_the_temp_file_of_a_killed_run_is_removed_by_the_next_build(slow_tree, t
     wait_for(lambda: temp_files(tmp_path / "cache"), proc, log)
     proc.kill()
     proc.wait(timeout=60)
-    (left,) = temp_files(tmp_path / "cache")
-    assert f"-{proc.pid}.npy" in left.name and left.stat().st_size > 60 * 32 * 32 * 3
+    (killed,) = temp_files(tmp_path / "cache")
+    assert killed.name.endswith(f"-{proc.pid}.npy") and killed.stat().st_size > 60 * 32 * 32 * 3
+    # Its writer is dead, but its pid, reaped, may be given to a new process before the next run looks: the
+    # file gets a pid no process can have.
+    left = killed.with_name(killed.name.removesuffix(f"-{proc.pid}.npy") + f"-{NO_SUCH_PID}.npy")
+    killed.rename(left)
     stem = left.name.split(".tmp-")[0]
     alive = tmp_path / "cache" / f"{stem}.tmp-{socket.gethostname()}-{os.getpid()}.npy"
     elsewhere = tmp_path / "cache" / f"{stem}.tmp-other-host.example-{proc.pid}.npy"
@@ -137,17 +141,15 @@ def test_stale_temp_files_rules(image_tree, tmp_path):
     """Which leftovers a build removes (cache_entry.remove_stale_temps, the one rule of both caches and of
     `tl_dist.cache prune`): a dead writer's on this host, or anyone's untouched for a day."""
     cache = ImageCache(tmp_path, index_images(image_tree), 8)
-    dead = subprocess.Popen(["true"])
-    dead.wait()  # its pid names a process that no longer runs
-    host, stem = socket.gethostname(), f".{cache.array_path.stem}"
-    names = {"dead writer": f"{stem}.tmp-{host}-{dead.pid}.npy",
-             "dead writer's metadata": f"{stem}.tmp-{host}-{dead.pid}.json",
+    host, stem, dead = socket.gethostname(), f".{cache.array_path.stem}", NO_SUCH_PID
+    names = {"dead writer": f"{stem}.tmp-{host}-{dead}.npy",
+             "dead writer's metadata": f"{stem}.tmp-{host}-{dead}.json",
              "live writer": f"{stem}.tmp-{host}-{os.getpid()}.npy",
-             "other host, recent": f"{stem}.tmp-node-7-{dead.pid}.npy",
-             "other host, a day old": f"{stem}.tmp-node-8-{dead.pid}.npy",
-             "another cache, dead writer": f".images-0123abcd-224px.tmp-{host}-{dead.pid}.npy",
-             "features, dead writer": f".features-0123abcd.tmp-{host}-{dead.pid}.npy",
-             "not ours": f".notes.tmp-{host}-{dead.pid}.npy"}
+             "other host, recent": f"{stem}.tmp-node-7-{dead}.npy",
+             "other host, a day old": f"{stem}.tmp-node-8-{dead}.npy",
+             "another cache, dead writer": f".images-0123abcd-224px.tmp-{host}-{dead}.npy",
+             "features, dead writer": f".features-0123abcd.tmp-{host}-{dead}.npy",
+             "not ours": f".notes.tmp-{host}-{dead}.npy"}
     for name in names.values():
         (tmp_path / name).write_bytes(b"x")
     day_ago = time.time() - STALE_TMP_SECONDS - 60
@@ -162,12 +164,12 @@ def test_sigterm_to_every_process_of_a_two_process_decode(slow_tree, tmp_path):
     """As Slurm's scancel or a preemption does: SIGTERM to the launcher and both training processes in the
     middle of the decode. Rank zero removes the temp file it created (rank one only wrote into it), and
     only rank zero prints the one line."""
-    from test_resume import descendants, launch_command
+    from test_resume import descendants
 
     log = tmp_path / "log.txt"
     with log.open("w") as sink:
-        proc = subprocess.Popen(launch_command(slow_args(slow_tree, tmp_path), 2), cwd=REPO, env=run_env(),
-                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_launch(slow_args(slow_tree, tmp_path), 2, stdout=sink, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     wait_for(lambda: "decoding 0/60" in log.read_text(), proc, log)  # both processes are decoding
     for pid in [proc.pid, *descendants(proc.pid)]:
         try:

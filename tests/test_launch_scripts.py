@@ -1,14 +1,18 @@
 """The scripts under launch/: bash -n and shellcheck on every one, the Slurm settings that make a job
-preemption-safe, what the two job scripts share (launch/slurm_common.sh) and how they launch, and a real
-run of the local debug script with a user's Accelerate default config in place."""
+preemption-safe, what the two job scripts share (launch/slurm_common.sh); each job script run as Slurm runs
+it, with stand-ins for the training and Slurm's commands (what it launches, how, and what a signal to it
+does); and a real run of the local debug script with a user's Accelerate default config in place. The
+Slurm tests run the same scripts on a real cluster (tests/test_slurm.py)."""
 
 from __future__ import annotations
 
 import os
 import re
 import shutil
-import sys
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,15 +66,115 @@ def test_job_scripts_share_their_logic_through_one_file():
     assert "scontrol requeue" in COMMON.read_text()
 
 
+# Stand-ins for what a job script calls: the training (PYTHON; it writes down its arguments, then exits with
+# STUB_EXIT, or at the STOP file leaves a checkpoint and exits 75 as the training does), Slurm's scontrol
+# (one node, at 127.0.0.1; `requeue` is written down) and srun (runs its command once, as node 0), and an
+# nvidia-smi that finds no GPU.
+STUB_PYTHON = """#!/bin/bash
+if [[ $1 == -c ]]; then echo 29511; exit 0; fi  # the multi-node script's free port
+if [[ $1 == -m && $2 == tl_dist.sweep ]]; then exec "$REAL_PYTHON" "$@"; fi
+printf '%s\\n' "$@" >"$CALLS/python"
+echo "$ACCELERATE_MIXED_PRECISION" >"$CALLS/precision"
+if [[ -n ${STUB_STOP:-} ]]; then
+  while [[ ! -e $STUB_STOP/STOP ]]; do sleep 0.02; done
+  mkdir -p "$STUB_STOP/checkpoints/step_5" && touch "$STUB_STOP/checkpoints/step_5/train_state.json"
+  exit 75
+fi
+exit "${STUB_EXIT:-0}"
+"""
+STUBS = {"python": STUB_PYTHON,
+         "scontrol": """#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo node1 ;;
+  "show node") echo "NodeName=node1 NodeAddr=127.0.0.1" ;;
+  *) echo "$*" >>"$CALLS/scontrol" ;;
+esac
+""",
+         "srun": """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+SLURM_NODEID=0 exec "$@"
+""",
+         "nvidia-smi": "#!/bin/sh\nexit 9\n"}
+
+
+def fake_job(tmp_path: Path, script: Path, args: list[str], **env) -> subprocess.Popen:
+    """Start `script` as Slurm would in job 7 (array task 0), with the stand-ins; its output goes to
+    tmp_path/job.out, what the stand-ins were given to tmp_path/calls/."""
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls"
+    for folder in (stubs, calls):
+        folder.mkdir(exist_ok=True)
+    for name, text in STUBS.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_GPUS_ON_NODE": "2", "SLURM_JOB_NODELIST":
+             "node1", "SLURM_JOB_NUM_NODES": "1", "SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_JOB_ID": "6"}
+    env = run_env({**slurm, "PYTHON": str(stubs / "python"), "REAL_PYTHON": sys.executable, "CALLS": str(calls),
+                   "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path), **env})
+    with open(tmp_path / "job.out", "wb") as log:
+        return subprocess.Popen(["bash", str(script), *args], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+
+
+def sweep_file(tmp_path: Path) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text("name: g\nmethod: grid\nparameters:\n  lr: {values: [0.05, 0.01]}\n")
+    return path
+
+
 @pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
-def test_job_scripts_launch_with_a_config_file_of_the_repository(script):
-    """`accelerate launch` without --config_file reads the user's default config: every launch in the job
-    scripts names one from accelerate_configs/ (the Slurm tests run them with a hostile default in place)."""
-    text = script.read_text()
-    launches = re.findall(r"accelerate\.commands\.launch\s+(--config_file\s+\S+)?", text)
-    assert launches and all(launches), launches
-    for config in re.findall(r"(\w+\.yaml)", text):
-        assert (REPO / "accelerate_configs" / config).is_file(), config
+def test_job_scripts_launch_the_training_with_a_config_file_of_the_repository(script, image_tree, tmp_path):
+    """`accelerate launch` without --config_file reads the user's default config: every job script launches
+    with one from accelerate_configs/ (the Slurm tests run them with a hostile default in place), or starts
+    the one process directly; the user's options go through, with the run folder and --resume auto added."""
+    user = ["--data-dir", str(image_tree), "--epochs", "3"]
+    if script.name == "slurm_sweep.sbatch":
+        job = fake_job(tmp_path, script, [str(sweep_file(tmp_path)), *user, "--output-dir", str(tmp_path / "sw")],
+                       SLURM_GPUS_ON_NODE="1")
+    else:
+        job = fake_job(tmp_path, script, user)
+    assert job.wait(timeout=120) == 0, (tmp_path / "job.out").read_text()
+    argv = (tmp_path / "calls" / "python").read_text().splitlines()
+    train = argv.index(str(REPO / "tl_dist" / "train.py"))
+    launcher, options = argv[:train], argv[train + 1:]
+    if script.name == "slurm_sweep.sbatch":  # one GPU: one process, started directly
+        assert launcher == [] and options[options.index("--lr") + 1] == "0.05"
+        assert options[options.index("--output-dir") + 1] == str(tmp_path / "sw" / "00-lr=0.05")
+    else:
+        config = {"slurm_single_node.sbatch": "multi_gpu.yaml", "slurm_multi_node.sbatch": "multi_node.yaml"}
+        assert launcher[:4] == ["-m", "accelerate.commands.launch", "--config_file",
+                                str(REPO / "accelerate_configs" / config[script.name])]
+        assert launcher[launcher.index("--num_processes") + 1] == "2"
+        assert options[options.index("--output-dir") + 1] == "runs/slurm-7" and (tmp_path / "runs/slurm-7").is_dir()
+    assert options[:len(user)] == user and options[-2:] == ["--resume", "auto"]
+    assert (tmp_path / "calls" / "precision").read_text().strip() == "no"  # no GPU: fp32
+    assert "training exited with code 0" in (tmp_path / "job.out").read_text()
+
+
+@pytest.mark.parametrize("signame", ["USR1", "TERM"])
+def test_a_signal_to_the_batch_shell_stops_the_training_with_a_checkpoint(signame, tmp_path):
+    """USR1 (the time limit ahead) or TERM to the batch shell: it touches STOP in the run folder (torchrun
+    would not pass USR1 on), the training saves a checkpoint and exits 75; after USR1 the job requeues itself
+    and exits 0, after TERM it exits 75 and says how to continue."""
+    out = tmp_path / "runs" / "slurm-7"
+    job = fake_job(tmp_path, REPO / "launch" / "slurm_single_node.sbatch", ["--epochs", "3"], STUB_STOP=str(out))
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "calls" / "python").exists():  # the training has started
+        assert job.poll() is None and time.monotonic() < deadline, (tmp_path / "job.out").read_text()
+        time.sleep(0.02)
+    job.send_signal(getattr(signal, f"SIG{signame}"))
+    code = job.wait(timeout=60)
+    log = (tmp_path / "job.out").read_text()
+    requeued = (tmp_path / "calls" / "scontrol").read_text() if (tmp_path / "calls" / "scontrol").exists() else ""
+    assert f"SIG{signame}: asking the training to save a checkpoint and stop" in log
+    assert "training exited with code 75" in log and not (out / "STOP").exists()  # removed for the next start
+    if signame == "USR1":
+        assert (code, requeued) == (0, "requeue 7\n"), log
+        assert "requeueing job 7; it resumes from the latest checkpoint in runs/slurm-7 (saved after the signal: " \
+               "runs/slurm-7/checkpoints/step_5)" in log
+    else:
+        assert (code, requeued) == (75, ""), log
+        assert "stopped with a checkpoint, runs/slurm-7/checkpoints/step_5; continue with sbatch " \
+               "launch/slurm_single_node.sbatch <the same options> --output-dir runs/slurm-7" in log
 
 
 @pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)

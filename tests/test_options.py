@@ -28,10 +28,10 @@ import pytest
 import torch
 import wandb_reader
 from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SCHEDULER_NAME
-from conftest import (REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args,
-                      train_in_process)
+from conftest import (REPO, assert_close, launch, make_image_tree, read_metrics, run_env, run_module, start_launch,
+                      tiny_args, train_in_process)
 from safetensors.torch import load_file
-from test_resume import descendants, launch_command, signal_if_alive
+from test_resume import descendants, signal_if_alive
 
 from tl_dist.checkpoint import TrainState, check_checkpoint
 from tl_dist.run_dir import (CHECKPOINTS, CLASSES_FILE, CONFIG_FILE, FINAL_MODEL, METRICS_FILE, STATE_FILE, STOP_FILE,
@@ -134,8 +134,7 @@ def without_timings(metrics: dict) -> dict:
 def assert_same_metrics(run: Path, reference: Path, rtol: float) -> None:
     ours, ref = read_metrics(run), read_metrics(reference)
     for split in ("baseline", "test"):
-        for key, value in without_timings(ref[split]).items():
-            assert ours[split][key] == pytest.approx(value, rel=rtol), (split, key)
+        assert_close(without_timings(ours[split]), without_timings(ref[split]), rtol, split)
     assert ours["train"]["epoch_loss"] == pytest.approx(ref["train"]["epoch_loss"], rel=rtol)
 
 
@@ -208,13 +207,15 @@ def paused(pid: int):
             signal_if_alive(p, signal.SIGCONT)
 
 
-def run_until_stopped(command: list[str], out: Path, timeout: float = 600) -> tuple[int, str]:
-    """Start the run; once its first checkpoint is complete, create <out>/STOP while the run is paused, so
-    that the file lands mid-run, deterministically. Returns the exit code and the output."""
+def run_until_stopped(args: list[str], nproc: int, out: Path, timeout: float = 600) -> tuple[int, str]:
+    """Start the run (`python -m tl_dist.train` for one process, `accelerate launch` for more); once its first
+    checkpoint is complete, create <out>/STOP while the run is paused, so that the file lands mid-run,
+    deterministically. Returns the exit code and the output."""
     log = out.with_name(out.name + ".log")
     with open(log, "wb") as sink:  # a file, not a pipe: a full pipe would stall the run
-        proc = subprocess.Popen(command, cwd=REPO, env=run_env(), stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        streams = {"stdout": sink, "stderr": subprocess.STDOUT, "start_new_session": True}
+        proc = subprocess.Popen([sys.executable, "-m", "tl_dist.train", *args], cwd=REPO, env=run_env(),
+                                **streams) if nproc == 1 else start_launch(args, nproc, **streams)
     deadline = time.monotonic() + timeout
     try:
         while not RunDir(out).checkpoint_folders():
@@ -259,8 +260,7 @@ def test_stop_file_exits_75(data, tmp_path):
     """`python -m tl_dist.train`, one process (the 2-process runs' options: 20 steps an epoch): the exit
     code is the run's own."""
     out = tmp_path / "stopped"
-    command = [sys.executable, "-m", "tl_dist.train", *tiny_args(data, out, tmp_path / "cache", *TWO_PROCS)]
-    code, output = run_until_stopped(command, out)
+    code, output = run_until_stopped(tiny_args(data, out, tmp_path / "cache", *TWO_PROCS), 1, out)
     assert code == 75, output[-4000:]
     assert_stopped_with_a_checkpoint(out, output, steps_per_epoch=20, processes=1)
 
@@ -271,7 +271,7 @@ def test_stop_file_stops_every_process_and_resumes_exactly(two_procs, data, tmp_
     reference = two_procs("reference")
     out = tmp_path / "stopped"
     args = tiny_args(data, out, tmp_path / "cache", *TWO_PROCS)
-    code, output = run_until_stopped(launch_command(args, 2), out)
+    code, output = run_until_stopped(args, 2, out)
     # The processes exit with 75. torchrun takes the first of them for a failure: it SIGTERMs the others
     # if they are still shutting down, reports "rank : R (local_rank: R) ... exitcode : 75 | -15" and
     # `accelerate launch` exits 1 (the sbatch scripts exit 75 for it).

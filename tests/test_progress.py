@@ -12,6 +12,7 @@ import shutil
 from conftest import launch, make_image_tree, tiny_args
 from rich.console import Console
 
+from tl_dist.checkpoint import SAVE_STEPS
 from tl_dist.console import PlainPhase, RunConsole
 
 
@@ -115,8 +116,8 @@ def test_a_phase_inside_an_epoch_bar_shares_it():
 def _phases(stdout: str) -> list[tuple[str, list[int], int]]:
     """(phase, counts, total) for each phase in the output, in order; a phase's counts restart at 0."""
     runs = []
-    for match in re.finditer(r"^(decoding|features|evaluating) "
-                             r"(\d+)/(\d+) images", stdout, re.M):
+    for match in re.finditer(r"^(decoding|features|evaluating|saving checkpoint) "
+                             r"(\d+)/(\d+) (?:images|steps)", stdout, re.M):
         name, count, total = match.group(1), int(match.group(2)), int(match.group(3))
         if count == 0 or not runs or runs[-1][0] != name:
             runs.append((name, [], total))
@@ -125,9 +126,9 @@ def _phases(stdout: str) -> list[tuple[str, list[int], int]]:
 
 
 def test_a_real_run_reports_every_phase_from_rank_zero(image_tree, tmp_path):
-    """2 processes, output captured (not a terminal): each phase prints once (rank zero only), counts
-    start at 0, rise strictly and end at the phase's total, at most a tenth (or one gathered batch: 2
-    processes x 4) apart. The decode counts rank zero's shard scaled to all images; the feature pass and
+    """2 processes, output captured (not a terminal): each phase (the checkpoint's save among them) prints
+    once (rank zero only), counts start at 0, rise strictly and end at the phase's total, at most a tenth
+    (or one gathered batch: 2 processes x 4) apart. The decode counts rank zero's shard scaled to all images; the feature pass and
     evaluation count what was gathered from both processes. A class of a single image has no test image:
     one warning names it."""
     data = shutil.copytree(image_tree, tmp_path / "data")  # 4 classes x 10 images
@@ -139,8 +140,8 @@ def test_a_real_run_reports_every_phase_from_rank_zero(image_tree, tmp_path):
     n_train = 41 - n_test
     phases = _phases(proc.stdout)
     assert [(name, total) for name, _, total in phases] == [
-        ("decoding", 41), ("features", n_train + n_test), ("evaluating", n_test), ("evaluating", n_test)], \
-        proc.stdout
+        ("decoding", 41), ("features", n_train + n_test), ("evaluating", n_test), ("saving checkpoint", SAVE_STEPS),
+        ("evaluating", n_test)], proc.stdout  # the checkpoint after the one epoch, then the final evaluation
     for name, seen, total in phases:
         assert seen[0] == 0 and seen[-1] == total and seen == sorted(set(seen)), (name, seen)
         assert max(b - a for a, b in zip(seen, seen[1:])) <= max(math.ceil(total / 10), 2 * 4), (name, seen)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ci_tools import missing_tool
 from conftest import launch, make_image_tree, read_metrics, tiny_args
 from tl_dist import report as rpt
 from tl_dist import run_dir as run_files
@@ -23,7 +24,14 @@ NAMES = ["ラーメン", "猫の写真", "Собака", "ёжик_и_медве
 
 
 @pytest.fixture(scope="module")
-def named_run(tmp_path_factory, cache_dir):
+def cjk_font() -> None:
+    """Noto Sans CJK, which the Japanese names need (Debian's fonts-noto-cjk, which CI installs)."""
+    if "Noto Sans CJK JP" not in rpt.font_families():
+        missing_tool("no Noto Sans CJK font: fonts-noto-cjk is not installed (apt-get install fonts-noto-cjk)")
+
+
+@pytest.fixture(scope="module")
+def named_run(cjk_font, tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("fonts")
     generated = make_image_tree(root / "generated", classes=4, per_class=10)
     data = root / "data"
@@ -94,7 +102,7 @@ def caption_bands(grid: np.ndarray, n: int) -> np.ndarray:
                            for r in range(rows)])
 
 
-def test_each_character_of_the_names_has_its_own_glyph():
+def test_each_character_of_the_names_has_its_own_glyph(cjk_font):
     """Drawn alone, no two different characters of the names look the same: with the report's fonts
     each has its glyph; with the default font alone the Japanese ones are boxes."""
     import matplotlib

@@ -14,14 +14,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import wandb_reader
-from conftest import REPO, _free_port, launch, make_image_tree, read_metrics, run_env, tiny_args
+from conftest import launch, make_image_tree, read_metrics, start_launch, tiny_args
 from safetensors.torch import load_file
 
 from tl_dist.checkpoint import TrainState
@@ -43,15 +42,6 @@ def run_args(data: Path, out: Path, cache: Path, nproc: int) -> list[str]:
                      "--keep-checkpoints", str(KEEP), "--wandb-mode", "offline", *freeze)
 
 
-def launch_command(args: list[str], nproc: int) -> list[str]:
-    """The command conftest.launch runs, for a process we start and kill ourselves."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--num_processes", str(nproc)]
-    if nproc > 1:
-        cmd += ["--multi_gpu", "--main_process_port", str(_free_port())]
-    return cmd + [str(REPO / "tl_dist" / "train.py"), *args]
-
-
 def last_logged_step(out: Path) -> int:
     try:
         return int((out / "wandb_last_step").read_text())
@@ -60,23 +50,27 @@ def last_logged_step(out: Path) -> int:
 
 
 def run_and_kill(args: list[str], nproc: int, out: Path, timeout: float = 600, ready=None) -> dict:
-    """Start a run in its own session; once a complete checkpoint exists and the run has logged a later
-    step (or once `ready(out)` says so), SIGKILL every process of the run at once. Returns what it had saved."""
+    """Start a run in its own session and look at it paused: every few milliseconds all its processes are
+    stopped (SIGSTOP), and once the paused run is where `ready(out)` says (default: it has a complete
+    checkpoint inside an epoch and has logged a later step of that epoch), every process is killed as it
+    stands (SIGKILL); else they go on. Returns what it had saved."""
+    ready = ready or (lambda out: killed_inside_an_epoch(out, STEPS_PER_EPOCH[nproc]))
     log = out.with_name(out.name + ".log")
     with open(log, "wb") as sink:  # a file, not a pipe: a full pipe would stall the run
-        proc = subprocess.Popen(launch_command(args, nproc), cwd=REPO, env=run_env(), stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = start_launch(args, nproc, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while proc.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint was written in time"
-            if (ready or past_a_checkpoint)(out):
-                kill_everything(proc.pid)
+            time.sleep(0.01)
+            paused = pause_everything(proc.pid)
+            if ready(out):
+                signal_all(paused, signal.SIGKILL)
                 break
-            time.sleep(0.005)
+            signal_all(paused, signal.SIGCONT)
     finally:
         if proc.poll() is None:
-            kill_everything(proc.pid)
+            signal_all(pause_everything(proc.pid), signal.SIGKILL)
         proc.wait()
     output = log.read_text(errors="replace")
     assert proc.returncode == -signal.SIGKILL, f"the run was not killed (exit {proc.returncode}):\n{output[-4000:]}"
@@ -95,18 +89,21 @@ def descendants(pid: int) -> list[int]:
     return children + [d for c in children for d in descendants(c)]
 
 
-def kill_everything(pid: int) -> None:
-    """The crash: the launcher, its workers (torchrun starts each in a session of its own, so killing the
-    launcher's process group does not reach them) and W&B's service. All are stopped first, so none
-    finishes a step or a save between the listing and the kill."""
+def pause_everything(pid: int) -> set[int]:
+    """SIGSTOP the launcher, its workers (torchrun starts each in a session of its own, so stopping the
+    launcher's process group does not reach them) and W&B's service; returns their pids. Until no process
+    appears while they are being stopped, so none runs on afterwards."""
     os.killpg(pid, signal.SIGSTOP)
-    frozen = set()
-    while (pids := {pid, *descendants(pid)}) != frozen:  # until no process appeared while freezing
-        for p in pids - frozen:
-            signal_if_alive(p, signal.SIGSTOP)
-        frozen = pids
-    for p in frozen:
-        signal_if_alive(p, signal.SIGKILL)
+    stopped = set()
+    while (pids := {pid, *descendants(pid)}) != stopped:
+        signal_all(pids - stopped, signal.SIGSTOP)
+        stopped = pids
+    return stopped
+
+
+def signal_all(pids, sig: int) -> None:
+    for pid in pids:
+        signal_if_alive(pid, sig)
 
 
 def signal_if_alive(pid: int, sig: int) -> None:
@@ -114,12 +111,16 @@ def signal_if_alive(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def past_a_checkpoint(out: Path) -> bool:
+def killed_inside_an_epoch(out: Path, steps_per_epoch: int) -> bool:
+    """Whether the (paused) run's newest complete checkpoint is inside an epoch and the run has logged a
+    later step of that same epoch: the crash to resume from."""
     latest = RunDir(out).latest()
     try:
-        return latest is not None and last_logged_step(out) > TrainState.load(latest).global_step
+        state = latest and TrainState.load(latest)
     except FileNotFoundError:  # pruned while we looked
         return False
+    return bool(state) and 0 < state.step_in_epoch and \
+        state.global_step < last_logged_step(out) < (state.epoch + 1) * steps_per_epoch
 
 
 def plant_incomplete_checkpoints(out: Path, latest: Path) -> list[Path]:

@@ -5,7 +5,8 @@ gloo. The four jobs are submitted together and run side by side:
 1. launch/slurm_multi_node.sbatch on 2 nodes x 2 processes trains, writes metrics.json, one W&B run;
 2. launch/slurm_single_node.sbatch with 2 processes, without --output-dir: the same in runs/slurm-<id>;
 3. `scancel --signal=USR1 --batch` during training: a checkpoint, a requeue, a resumed run that finishes,
-   one W&B run id from start to end and no training step logged twice;
+   one W&B run id from start to end and no training step logged twice; a plain `scancel` of another such job
+   (held until its test): a checkpoint that a resumed run finishes from;
 4. a user error (a missing --data-dir) with 2 processes: the job fails and its log ends with the training's
    one `error:` line (repeated by the script after torchrun's report);
 5. launch/slurm_sweep.sbatch as a 2-task job array: two workers of one Optuna study, each configuration
@@ -16,7 +17,7 @@ All four are submitted with a user's Accelerate default config in place (HF_HOME
 tests/accelerate_user_config.py): the scripts launch with the repository's configs, so it does not merge in.
 
 Needs root, slurm-wlm and munge (apt-get install slurm-wlm munge); skipped with the reason otherwise, and
-failed instead under CI=true as root, where .ci/run installs them.
+failed instead under CI=true, where .ci/run runs as root and installs them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import csv
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +37,8 @@ import pytest
 import wandb_reader
 from accelerate_user_config import write_user_default_config
 from ci_tools import missing_tool
-from conftest import REPO, read_metrics, run_env
+from conftest import REPO, launch, read_metrics, run_env
+from test_feature_store import flock_holders, pause_the_lock_holder, wait_until
 
 sys.path.insert(0, str(Path(__file__).parent / "slurm"))
 from cluster import SlurmCluster, missing_requirements  # noqa: E402
@@ -46,6 +49,7 @@ WHY_NOT = missing_requirements()
 JOB_TIMEOUT = 300  # seconds; each job takes well under a minute on two idle cores
 # 40 images: 32 train / 8 test, so one epoch is 4 steps with 2 processes (batch 4), 2 steps with 4.
 SIGNAL_EPOCHS = 40  # 160 steps: still training when the signal comes, whatever the machine's speed
+ARRAY_BACKBONE = ("--model", "resnet18", "--image-size", "64")
 
 
 @pytest.fixture(scope="session")
@@ -127,6 +131,15 @@ def slurm_jobs(slurm_cluster, image_tree, tmp_path_factory) -> dict[str, Job]:
                     "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--output-dir", str(out)),
         cwd=REPO, env=env)
     jobs["signal"] = Job(slurm_cluster, job_id, out, root / f"signal-{job_id}.out")
+
+    # Cancelled by its test with a plain scancel; held until then, so that it is still training.
+    out = root / "cancel"
+    job_id = slurm_cluster.sbatch(
+        "--hold", *common, f"--output={root}/cancel-%j.out", str(REPO / "launch" / "slurm_single_node.sbatch"),
+        *train_args(image_tree, root / "cache-cancel", "--epochs", str(SIGNAL_EPOCHS), "--freeze", "none", "--lr",
+                    "0.02", "--checkpoint-every-epochs", "0", "--checkpoint-every-steps", "5", "--output-dir", str(out)),
+        cwd=REPO, env=env)
+    jobs["cancel"] = Job(slurm_cluster, job_id, out, root / f"cancel-{job_id}.out")
 
     # The multi-node job again, with each node's own disk at the --cache-dir path (node-local scratch).
     out, cache = root / "node-local", root / "cache-node-local"
@@ -227,6 +240,36 @@ def test_usr1_checkpoints_requeues_and_resumes_the_same_run(slurm_jobs):
     assert second == list(range(stop_step + 1, 4 * SIGNAL_EPOCHS + 1))
 
 
+def test_scancel_stops_the_job_with_a_checkpoint_that_a_resubmission_finishes(slurm_jobs):
+    """A plain `scancel` (SIGTERM to every process of the job, SIGKILL KillWait seconds later): the training
+    saves a checkpoint at the next step and stops; the same options again with --resume auto (what the
+    job script adds) finish the run from there."""
+    job = slurm_jobs["cancel"]
+    cluster = job.cluster
+    cluster.run("scontrol", "release", job.id)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not list((job.out / "checkpoints").glob("step_*/train_state.json")):
+        assert cluster.job(job.id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job.diagnose()
+        assert time.monotonic() < deadline, job.diagnose()
+        time.sleep(0.2)
+    cluster.run("scancel", job.id)
+    assert job.wait()["JobState"] == "CANCELLED", job.diagnose()
+    while "stopped with a checkpoint" not in job.text():  # the job script's last line, within KillWait
+        assert time.monotonic() < deadline, job.diagnose()
+        time.sleep(0.2)
+    text = job.text()
+    stopped = re.search(r"stop\s+requested\s+\((?:SIGTERM|\S*STOP\s+exists)\):\s+saving\s+a\s+checkpoint\s+at\s+step\s+"
+                        r"(\d+)", text)
+    assert stopped, job.diagnose()  # (the launcher, SIGTERMed too, exits 1: torchrun's SignalException)
+    step = int(stopped.group(1))
+    assert 5 <= step < 4 * SIGNAL_EPOCHS
+    assert re.search(rf"stopped with a checkpoint, \S*checkpoints/step_{step};", text), job.diagnose()
+
+    resumed = launch(["--resume", "auto", "--output-dir", str(job.out), "--wandb-mode", "disabled"], nproc=2)
+    assert re.search(rf"resumed\s+from\s+\S*checkpoints/step_{step}\s", resumed.stdout), resumed.stdout[-3000:]
+    assert read_metrics(job.out)["train"]["global_step"] == 4 * SIGNAL_EPOCHS
+
+
 def test_multi_node_job_trains_on_two_nodes(slurm_jobs):
     job = slurm_jobs["multi"]
     job.assert_completed()
@@ -314,7 +357,8 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
     env["SLURM_CONF"] = str(slurm_cluster.conf)
     env["HF_HOME"] = str(write_user_default_config(root / "hf_home"))
     out = root / "sweep"
-    options = train_args(image_tree, root / "cache", "--epochs", "16", "--output-dir", str(out))
+    # ResNet-18 at 64 px: a feature pass long enough to catch its builder holding the features' lock.
+    options = train_args(image_tree, root / "cache", "--epochs", "16", "--output-dir", str(out), *ARRAY_BACKBONE)
     array_id = sweep_job(slurm_cluster, root, sweep_file, "0-1", "sweep", env, *options)
     tasks = [Job(slurm_cluster, f"{array_id}_{i}", out, root / f"sweep-{array_id}_{i}.out") for i in range(2)]
 
@@ -334,9 +378,20 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
 
 def test_a_sweep_array_shares_one_study_each_task_taking_other_configurations(sweep_array):
     """Two array tasks, two workers of one study: each configuration trains once, in one of them (both take
-    some), every run finishes, the frozen backbone's features are computed once for the two runs that use
-    them, and the summary command ranks them. A task submitted again finds nothing left and trains nothing."""
+    some), every run finishes, and the summary command ranks them. The frozen backbone's features are
+    computed once for the two runs that use them: the task that takes the features' lock is paused (SIGSTOP)
+    while it holds it, and the other waits on the lock until it goes on, then reuses what it wrote. A task
+    submitted again finds nothing left and trains nothing."""
     sweep_file, out, tasks, env, _, options = sweep_array
+    cache, cluster = out.parent / "cache", tasks[0].cluster
+    not_ended = lambda: any(cluster.job(t.id).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING")  # noqa: E731
+                            for t in tasks)
+    builder = pause_the_lock_holder(cache, not_ended, timeout=JOB_TIMEOUT)
+    try:
+        (lock,) = cache.glob(".features-*.lock")
+        wait_until(lambda: False in flock_holders(lock).values(), JOB_TIMEOUT, "the other task waiting on the lock")
+    finally:
+        os.kill(builder, signal.SIGCONT)
     for i, task in enumerate(tasks):
         task.assert_completed()
         text = task.text()
@@ -355,7 +410,10 @@ def test_a_sweep_array_shares_one_study_each_task_taking_other_configurations(sw
         (run,) = wandb_reader.run_dirs(out / name / "wandb")
         record = next(r.run for r in wandb_reader.records(run) if r.WhichOneof("record_type") == "run")
         assert record.run_group == "slurm-grid"
-    assert sum(task.text().count("features: reused") for task in tasks) == 1, [t.diagnose() for t in tasks]
+    # One task computed the features; the other waited for it, then reused them, and said so.
+    waited = ["features: waiting for another run" in task.text() for task in tasks]
+    said = ["features: reused" in task.text() for task in tasks]
+    assert sorted(said) == [False, True] and waited == said, [task.diagnose() for task in tasks]
 
     proc = subprocess.run([sys.executable, "-m", "tl_dist.sweep", str(sweep_file), "--summary", "--output-dir",
                            str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

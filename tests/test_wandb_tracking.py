@@ -1,5 +1,5 @@
 """W&B as its users expect it, read back from real offline runs: the confusion matrix counts every test
-image with all 102 classes of the real sample (wandb.plot.confusion_matrix's 102 x 102 rows pass
+image with 102 classes (conftest.caltech_like; wandb.plot.confusion_matrix's 102 x 102 rows pass
 wandb.Table's 10,000-row limit), W&B's environment variables are honoured unless a flag says otherwise,
 and --wandb-log-model logs the final model as an artifact with the test metrics."""
 
@@ -17,16 +17,17 @@ from conftest import launch, make_image_tree, read_metrics, tiny_args
 from test_metrics import check_against_logits
 from tl_dist import report as rpt
 
+TEST_IMAGES = 179  # 2 of each class of 8 to 10 images, 1 of each class of 7
 ENV = {"WANDB_PROJECT": "env-project", "WANDB_ENTITY": "env-entity", "WANDB_NAME": "env-name",
        "WANDB_RUN_GROUP": "env-group", "WANDB_TAGS": "env-a, env-b"}
 
 
 @pytest.fixture(scope="module")
-def sample_run(sample_dir, tmp_path_factory, cache_dir):
-    """All 102 classes of the real sample (408 test images), one epoch of the small network; W&B settings
-    from the environment only; the model logged."""
+def sample_run(caltech_like, tmp_path_factory, cache_dir):
+    """102 classes (179 test images), one epoch of the small network; W&B settings from the environment
+    only; the model logged."""
     out = tmp_path_factory.mktemp("wandb-102") / "run"
-    launch(tiny_args(sample_dir, out, cache_dir, "--epochs", "1", "--batch-size", "32", "--lr", "0.05",
+    launch(tiny_args(caltech_like, out, cache_dir, "--epochs", "1", "--batch-size", "32", "--lr", "0.05",
                      "--wandb-log-model"), env=ENV)
     (run,) = wandb_reader.run_dirs(out / "wandb")
     return out, run
@@ -45,13 +46,13 @@ def model_artifacts(run) -> list:
 def test_confusion_matrix_counts_every_test_image(sample_run):
     out, run = sample_run
     test_files = json.loads((out / "split.json").read_text())["test"]
-    assert len(test_files) == 408 and read_metrics(out)["test"]["num_samples"] == 408
+    assert len(test_files) == TEST_IMAGES and read_metrics(out)["test"]["num_samples"] == TEST_IMAGES
     (row,) = [r for r in wandb_reader.history(run) if "finetuned/confusion_matrix_table/path" in r]
     table = json.loads((run / "files" / row["finetuned/confusion_matrix_table/path"]).read_text())
     assert table["columns"] == ["Actual", "Predicted", "nPredictions"]
-    assert sum(count for _, _, count in table["data"]) == 408  # the old plot logged 10,000 of 10,404 cells
+    assert sum(count for _, _, count in table["data"]) == TEST_IMAGES
     assert all(count > 0 for _, _, count in table["data"]) and len(table["data"]) == row[
-        "finetuned/confusion_matrix_table/nrows"] < 408
+        "finetuned/confusion_matrix_table/nrows"] < TEST_IMAGES
     # Cell by cell the same as the run's full confusion_matrix.csv.
     with open(out / rpt.CONFUSION_CSV, newline="") as f:
         header, *lines = list(csv.reader(f))
@@ -101,7 +102,7 @@ def test_log_model_logs_the_final_model_with_its_test_metrics(sample_run):
     test = read_metrics(out)["test"]
     metadata = json.loads(model.metadata)["test"]
     assert metadata == {k: v for k, v in test.items() if isinstance(v, (int, float))}
-    assert metadata["num_samples"] == 408 and "accuracy" in metadata and "top5_accuracy" in metadata
+    assert metadata["num_samples"] == TEST_IMAGES and "accuracy" in metadata and "top5_accuracy" in metadata
     # Every file of model/, byte for byte (W&B's manifest holds each file's base64 MD5).
     files = {p.name: p for p in (out / "model").iterdir()}
     entries = {e.path: e for e in model.manifest.contents}
@@ -111,7 +112,7 @@ def test_log_model_logs_the_final_model_with_its_test_metrics(sample_run):
         assert entries[name].size == path.stat().st_size
 
 
-def test_metrics_of_102_classes_match_an_independent_computation(sample_run, sample_dir):
+def test_metrics_of_102_classes_match_an_independent_computation(sample_run, caltech_like):
     out, _ = sample_run
-    expected = check_against_logits(out, sample_dir)
+    expected = check_against_logits(out, caltech_like)
     assert len(expected["per_class"]) == 102 and 0 < expected["accuracy"] < expected["top5_accuracy"] < 1

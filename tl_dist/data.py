@@ -35,6 +35,7 @@ IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KAGGLE_DATASET = "imbikramsaha/caltech-101"
+OFFLINE_QUICK_START = "python -m tl_dist.shapes data/shapes"  # writes a data set and says how to train on it
 CACHE_VERSION = 3  # 2: the metadata holds each file's original size; 3: and the array's checksum
 
 
@@ -75,7 +76,8 @@ def download_caltech101(dest: Path, sources=None) -> str:
             folder.rmdir()
     raise DataError(
         "could not download Caltech-101 (" + "; ".join(errors) + "). Check the network connection, "
-        "or download the data yourself and pass --data-dir DIR (one folder per class).")
+        "or download the data yourself and pass --data-dir DIR (one folder per class). Without network, try "
+        f"the workflow on generated data: {OFFLINE_QUICK_START} (README, Quick start).")
 
 
 def kaggle_credentials() -> bool:
