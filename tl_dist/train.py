@@ -1,9 +1,10 @@
 """Fine-tune VGG16 on Caltech-101: `accelerate launch tl_dist/train.py [options]` or `python -m tl_dist.train`.
 
 The article's workflow is the recipe `FineTune.run`, read top to bottom: plan (the run folder, what a resume
-continues), set up (the data decoded once and split 80/20, the ImageNet network with a new last layer, SGD,
-the batches, W&B), evaluate before fine-tuning, fine-tune, evaluate after it, save and report.
-`FineTune.evaluate_only` is --eval-only. Everything a run writes goes to its run folder (run_dir.py), which it
+continues), set up (the data decoded once and split 80/20, the ImageNet network with a new last layer, the
+phases of training with their optimizer and batches, W&B: run_setup.py), evaluate before fine-tuning,
+fine-tune (phases.py: LP-FT probes the head first), evaluate after it, save and report. `evaluate_only` is
+--eval-only. Everything a run writes goes to its run folder (run_dir.py), which it
 owns while it runs.
 """
 
@@ -17,11 +18,9 @@ if __name__ == "__main__" and not __package__:
     # shadow other packages' modules. Import the package from the repository root instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import os  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
@@ -29,21 +28,20 @@ from accelerate import Accelerator  # noqa: E402
 from tl_dist.augment import AugmentOptions  # noqa: E402
 from tl_dist.checkpoint import SAVE_STEPS, CheckpointError, TrainState, load_state, load_weights, save_checkpoint, \
     save_final_model  # noqa: E402
-from tl_dist.config import Config, RunFacts, build_parser, check_memory, parse_args  # noqa: E402
+from tl_dist.config import Config, build_parser, check_memory, parse_args  # noqa: E402
 from tl_dist.console import RunConsole, end_process  # noqa: E402
 from tl_dist.data import DataError, GlobalBatchSampler  # noqa: E402
-from tl_dist.engine import Batches, LoopHooks, LoopSettings, Outcome, TrainLog, Training, evaluate, fit  # noqa: E402
+from tl_dist.engine import LoopHooks, Outcome, TrainLog, evaluate, fit  # noqa: E402
 from tl_dist.launch_check import exit_if_unsupported_setup  # noqa: E402
 from tl_dist.model import TransferNet, WeightsError, build_network  # noqa: E402
-from tl_dist.optim import effective_lr  # noqa: E402
-from tl_dist.phases import Phase, build_training, phase_at, plan_phases  # noqa: E402
-from tl_dist.prepare import PreparedData, build_feature_store, feature_batches, image_batches, prepare_data, \
-    training_batches  # noqa: E402
+from tl_dist.phases import build_training, phase_at, plan_phases  # noqa: E402
+from tl_dist.prepare import PreparedData, image_batches, prepare_data  # noqa: E402
 from tl_dist.report import build_report, log_report, print_summary, write_report  # noqa: E402
 from tl_dist.resume import ResumePlan, check_classes, choose_run_dir, claim_run_dir, plan_resume, run_dir_of, \
     with_saved_options  # noqa: E402
 from tl_dist.run_dir import DamagedFileError, DiskFullError, RunDir, RunDirError, is_disk_full, read_json, \
-    write_json, write_text  # noqa: E402
+    write_json  # noqa: E402
+from tl_dist.run_setup import Setup, split_batches, write_run_start  # noqa: E402
 from tl_dist.runtime import EXIT_PRUNED, EXIT_STOPPED, Interrupted, StopRequest, build_accelerator, \
     configure_threads, gradient_accumulation, stop_on_signals, stop_with_launcher  # noqa: E402
 from tl_dist.sweep.pruning import SweepTrial  # noqa: E402
@@ -51,70 +49,6 @@ from tl_dist.sync_bn import convert_sync_batchnorm  # noqa: E402
 from tl_dist.tracking import Tracker, resolve_mode, wandb_run  # noqa: E402
 
 USER_ERRORS = (DataError, WeightsError, CheckpointError, RunDirError)
-
-
-@dataclass
-class SplitBatches:
-    """The batches of each split: training (our global sampler), validation (None without --val-fraction)
-    and test (sharded by Accelerate)."""
-    train: Batches
-    val: Batches | None
-    test: Batches
-
-
-@dataclass
-class Setup:
-    """Everything FineTune.setup built, which the rest of the recipe uses. `phase`, `training`, `settings` and
-    `batches` are those of the phase in progress (FineTune.start_phase)."""
-    cfg: Config  # the options, resolved for a resume (the per-process batch follows the processes)
-    data: PreparedData
-    net: TransferNet  # the network itself, which each phase's `training.model` wraps
-    sampler: GlobalBatchSampler  # the same global batches for any number of processes
-    phases: list[Phase]
-    state: TrainState
-    tracker: Tracker
-    facts: RunFacts | None = None
-    phase: int = 0
-    training: Training | None = None  # the model, optimizer and schedule under Accelerate
-    settings: LoopSettings | None = None
-    batches: SplitBatches | None = None
-    features: dict | None = None  # where the frozen backbone's features are, and what they cost (None: no cache)
-
-    @property
-    def run_config(self) -> dict:
-        return {**self.cfg.to_dict(), **dataclasses.asdict(self.facts)}
-
-    def run_facts(self, accelerator: Accelerator, run_dir: RunDir) -> RunFacts:
-        cfg, data, sampler = self.cfg, self.data, self.sampler
-        return RunFacts(
-            num_processes=accelerator.num_processes, gradient_accumulation_resolved=gradient_accumulation(cfg),
-            global_batch_size=sampler.global_batch, effective_lr=effective_lr(cfg, accelerator.num_processes),
-            num_classes=len(data.index.classes), train_samples=len(data.train_rows), val_samples=len(data.val_rows),
-            test_samples=len(data.test_rows), device=str(accelerator.device),
-            mixed_precision_resolved=accelerator.mixed_precision,
-            feature_cache=any(p.cfg.uses_feature_cache for p in self.phases), steps_per_epoch=sampler.steps_per_epoch,
-            output_dir_resolved=str(run_dir), cpu_threads=torch.get_num_threads(), mean=list(self.net.mean),
-            std=list(self.net.std))
-
-    @property
-    def final_model(self) -> torch.nn.Module:
-        """What the run delivers: the average of the weights with --ema-decay, else the weights."""
-        return self.training.ema.model if self.training.ema is not None else self.training.model
-
-    def metrics_record(self, test: dict, test_raw: dict | None) -> dict:
-        """What metrics.json holds: the test metrics before fine-tuning, after the LP-FT probe, of the final
-        model and (with --ema-decay) of the trained weights; the training; validation after every epoch."""
-        state, facts = self.state, self.facts
-        train = {"epoch_loss": state.epoch_losses, "seconds": state.train_seconds,
-                 "images_per_second": state.train_images / max(state.train_seconds, 1e-9),
-                 "global_step": state.global_step, "global_batch_size": facts.global_batch_size,
-                 "lr": facts.effective_lr, "num_processes": facts.num_processes, "skipped_steps": state.skipped_steps}
-        record = {"baseline": state.baseline, "test": test, "train": train, "features": self.features,
-                  "skipped_files": sorted(self.data.bad), "config": self.run_config}
-        record.update({k: v for k, v in (("probe", state.probe), ("test_raw", test_raw)) if v is not None})
-        if state.val_history:  # the last epoch's numbers, and every epoch's
-            record["val"] = {**state.val_history[-1], "history": state.val_history}
-        return record
 
 
 class FineTune:
@@ -161,39 +95,6 @@ class FineTune:
             self.save_and_report(s, metrics, outputs)
         return 0
 
-    def evaluate_only(self) -> int:
-        """--eval-only: evaluate a saved model on the run's split. It only reads the run; its results go to
-        eval/<model>/ in the run folder, so a finished run's metrics and report stay as they are."""
-        plan = self.plan(claim=False)
-        data = prepare_data(plan.cfg, self.accelerator, self.console, self.run_dir, self.threads)
-        check_classes(plan.checkpoint, data.index.classes, plan.cfg.data_dir)
-        model = self._model(plan, data)
-        load_weights(model, plan.checkpoint)
-        model = self.accelerator.prepare(model)
-        test_images = data.images(data.test_rows)
-        metrics, outputs = evaluate(self.accelerator, model, image_batches(plan.cfg, self.accelerator, test_images,
-                                                                           model), data.index.classes, self.console)
-        report = build_report(outputs, data.index.classes)
-        metrics["per_class"] = report.per_class()
-        folder = self.run_dir.eval_dir(plan.checkpoint)
-        if self.accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / self.run_dir.metrics.name, {"test": metrics, "eval_only": {
-                "checkpoint": str(plan.checkpoint), "num_processes": self.accelerator.num_processes}})
-            write_report(report, folder, test_images, data.test_files(), self.console.warn)
-        self.accelerator.wait_for_everyone()
-        baseline = self._baseline_of_run()
-        print_summary(self.console, report, baseline, metrics, folder)
-        return 0
-
-    def _baseline_of_run(self) -> dict | None:
-        """The baseline in the run's metrics.json, to compare with; None (and a warning) when it is damaged."""
-        try:
-            return read_json(self.run_dir.metrics).get("baseline") if self.run_dir.metrics.is_file() else None
-        except DamagedFileError as exc:
-            self.console.warn(f"warning: {exc}; the summary leaves out the baseline")
-            return None
-
     def cleanup(self) -> None:
         self.console.stop_progress()
         self.run_dir.abandon()  # unlocks; removes only what a run that never started created
@@ -218,7 +119,7 @@ class FineTune:
         data = prepare_data(cfg, accelerator, self.console, self.run_dir, self.threads)
         if plan.checkpoint is not None:
             check_classes(plan.checkpoint, data.index.classes, cfg.data_dir)
-        net = self._model(plan, data)
+        net = self.build_model(plan, data)
         # The same global batches for any number of processes (data.GlobalBatchSampler), with each image's
         # mixing partner when images are mixed.
         sampler = GlobalBatchSampler(len(data.train_rows), cfg.batch_size, accelerator.num_processes,
@@ -231,7 +132,7 @@ class FineTune:
         self.start_phase(s, phase_at(phases, state.global_step, sampler.steps_per_epoch),
                          None if plan.report_only else plan.checkpoint)
         s.facts = s.run_facts(accelerator, self.run_dir)
-        self._write_run_start(s)  # everything is known to be good: the run starts here
+        write_run_start(s, self.accelerator, self.run_dir, self.console)  # all is known to be good: the run starts
         s.tracker.start(wandb_run(cfg, default_name=self.run_dir.path.name), s.run_config)
         self.console.print(s.facts.describe(cfg.batch_size))
         return s
@@ -242,7 +143,8 @@ class FineTune:
         phase = s.phases[index]
         s.phase = index
         s.training, s.settings = build_training(self.accelerator, phase, s.net, s.sampler.steps_per_epoch)
-        s.batches, features = self._batches(phase.cfg, s.data, s.training.model, s.sampler)
+        s.batches, features = split_batches(phase.cfg, self.accelerator, self.console, s.data, s.training.model,
+                                            s.sampler)
         s.features = s.features or features
         if len(s.phases) > 1:
             self.console.print(f"phase {index + 1}/{len(s.phases)}, {phase.describe()}")
@@ -250,51 +152,12 @@ class FineTune:
             load_state(self.accelerator, checkpoint)
             self.console.print(f"resumed from {checkpoint} at epoch {s.state.epoch + 1}, step {s.state.global_step}")
 
-    def _model(self, plan: ResumePlan, data: PreparedData) -> TransferNet:
+    def build_model(self, plan: ResumePlan, data: PreparedData) -> TransferNet:
         """The network with its new head; its ImageNet weights downloaded once per node (unless a checkpoint
         brings the weights). --sync-bn: with BatchNorm layers synchronised across processes."""
         with self.accelerator.local_main_process_first():
             net = build_network(plan.cfg, len(data.index.classes), from_checkpoint=plan.checkpoint is not None)
         return convert_sync_batchnorm(net, self.accelerator.device) if plan.cfg.sync_bn else net
-
-    def _batches(self, cfg: Config, data: PreparedData, model, sampler) -> tuple[SplitBatches, dict | None]:
-        """Cached images, or (frozen backbone) its features, computed once per image and kept on disk.
-        Returns the batches and what the features cost (None without the feature cache)."""
-        store, features = None, None
-        if cfg.uses_feature_cache:
-            store, seconds = build_feature_store(cfg, self.accelerator, self.console, model, data)
-            images = len(data.train_rows) + len(data.val_rows) + len(data.test_rows)
-            features = {"path": str(store.array_path), "reused": seconds is None, "seconds": seconds,
-                        "images_per_second": images / seconds if seconds else None}
-
-        def batches(rows: list[int], sampler=None) -> Batches | None:
-            if not rows:
-                return None
-            if store is not None:
-                return feature_batches(cfg, self.accelerator, store, data.images(rows), sampler)
-            return image_batches(cfg, self.accelerator, data.images(rows), model, sampler)
-
-        train = (batches(data.train_rows, sampler) if store is not None
-                 else training_batches(cfg, self.accelerator, data, model, sampler))
-        split = SplitBatches(train, batches(data.val_rows), batches(data.test_rows))
-        return split, features
-
-    def _write_run_start(self, s: Setup) -> None:
-        """The owner's name in the lock, the options (config.json), the split (a new run's), the files that
-        could not be decoded."""
-        bad = s.data.bad
-        if self.accelerator.is_main_process:
-            self.run_dir.record_owner()
-            write_json(self.run_dir.config, s.run_config)
-            if not self.run_dir.split.is_file():
-                write_json(self.run_dir.split, s.data.split_record(s.cfg))
-            if bad:
-                write_text(self.run_dir.skipped, "".join(f"{f}\t{why}\n" for f, why in bad.items()))
-        self.accelerator.wait_for_everyone()
-        if bad:
-            first = ", ".join(f"{f} ({why})" for f, why in list(bad.items())[:10])
-            self.console.warn(f"warning: skipped {len(bad)} file(s) that cannot be decoded (all listed in "
-                              f"{self.run_dir.skipped}): {first}" + (" ..." if len(bad) > 10 else ""))
 
     # ---- evaluate, train, save
     def evaluate(self, s: Setup, prefix: str, step: int, model=None) -> tuple[dict, dict]:
@@ -384,6 +247,43 @@ class FineTune:
         print_summary(self.console, report, state.baseline, test_metrics, self.run_dir.path)
 
 
+# ---------------------------------------------------------------- --eval-only
+
+
+def evaluate_only(recipe: FineTune) -> int:
+    """--eval-only: evaluate a saved model on the run's split. It only reads the run; its results go to
+    eval/<model>/ in the run folder, so a finished run's metrics and report stay as they are."""
+    plan = recipe.plan(claim=False)
+    data = prepare_data(plan.cfg, recipe.accelerator, recipe.console, recipe.run_dir, recipe.threads)
+    check_classes(plan.checkpoint, data.index.classes, plan.cfg.data_dir)
+    model = recipe.build_model(plan, data)
+    load_weights(model, plan.checkpoint)
+    model = recipe.accelerator.prepare(model)
+    test_images = data.images(data.test_rows)
+    metrics, outputs = evaluate(recipe.accelerator, model, image_batches(plan.cfg, recipe.accelerator, test_images,
+                                                                       model), data.index.classes, recipe.console)
+    report = build_report(outputs, data.index.classes)
+    metrics["per_class"] = report.per_class()
+    folder = recipe.run_dir.eval_dir(plan.checkpoint)
+    if recipe.accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / recipe.run_dir.metrics.name, {"test": metrics, "eval_only": {
+            "checkpoint": str(plan.checkpoint), "num_processes": recipe.accelerator.num_processes}})
+        write_report(report, folder, test_images, data.test_files(), recipe.console.warn)
+    recipe.accelerator.wait_for_everyone()
+    baseline = _baseline_of_run(recipe)
+    print_summary(recipe.console, report, baseline, metrics, folder)
+    return 0
+
+def _baseline_of_run(recipe: FineTune) -> dict | None:
+    """The baseline in the run's metrics.json, to compare with; None (and a warning) when it is damaged."""
+    try:
+        return read_json(recipe.run_dir.metrics).get("baseline") if recipe.run_dir.metrics.is_file() else None
+    except DamagedFileError as exc:
+        recipe.console.warn(f"warning: {exc}; the summary leaves out the baseline")
+        return None
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -413,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{os.environ.get('WANDB_DIR') or run_dir_of(cfg) or 'runs/<run>'}/wandb/offline-run-*`")
         recipe = FineTune(cfg, saved, accelerator, console, wandb_mode if tracking else "disabled",
                           configure_threads(cfg, accelerator.device))
-        return recipe.evaluate_only() if cfg.eval_only else recipe.run()
+        return evaluate_only(recipe) if cfg.eval_only else recipe.run()
     except USER_ERRORS as exc:
         (console or RunConsole(True)).error(str(exc))
         return 1
