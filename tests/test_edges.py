@@ -217,10 +217,10 @@ SIGNAL_IN_PHASE = """
 import os, signal, sys
 from tl_dist import train
 phase, evaluate = sys.argv.pop(1), train.FineTune.evaluate
-def evaluate_after_a_signal(self, s, prefix, step):
+def evaluate_after_a_signal(self, s, prefix, step, model=None):
     if prefix == phase:
         os.kill(os.getpid(), signal.SIGTERM)
-    return evaluate(self, s, prefix, step)
+    return evaluate(self, s, prefix, step, model)
 train.FineTune.evaluate = evaluate_after_a_signal
 train.cli()
 """
