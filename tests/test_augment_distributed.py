@@ -1,9 +1,12 @@
-"""Issue 18 §2, issue 19 §7: with augmentation, mixing and dropout, the same training on 1, 2 or 3 processes,
-with or without loader workers, and after a resume in the middle of an epoch on another number of processes.
+"""Issue 18 §2 and §5, issue 19 §7: the finetune recipe, with augmentation, mixing and dropout, trains the
+same on 1, 2 or 3 processes, with or without loader workers, and after a resume in the middle of an epoch on
+another number of processes.
 
-Real `accelerate launch` runs of tl_dist/train.py (gloo on CPU) training the whole small network (no
-BatchNorm) with dropout 0.5, TrivialAugment crops from a 48 px cache for 32 px inputs, random erasing, and
-mixup or cutmix each step; evaluation through the weights' resize and centre crop. 32 training images in
+Real `accelerate launch` runs of tl_dist/train.py (gloo on CPU) of `--recipe finetune` (AdamW with weight
+decay, label smoothing, a warm-up then cosine, the average of the weights as the final model) training the
+whole small network (no BatchNorm) with dropout 0.5, TrivialAugment crops from a 48 px cache for 32 px
+inputs, random erasing, and mixup or cutmix each step; evaluation through the weights' resize and centre
+crop. 32 training images in
 global batches of 12 (1 x 12, 2 x 6, 3 x 4): 3 steps an epoch, 2 epochs, a checkpoint every 2 steps.
 Every random choice is drawn from (seed, epoch, image) or (seed, epoch, step), so the runs must agree to
 the distributed tests' tolerance; before, each process drew its own dropout masks and the runs differed by
@@ -26,9 +29,9 @@ from tl_dist.run_dir import RunDir
 pytestmark = pytest.mark.slow  # several processes (see pyproject.toml's markers)
 
 GLOBAL_BATCH = 12
-AUGMENTED = ["--model", "vgg_tiny", "--weights", "none", "--freeze", "none", "--dropout", "0.5", "--image-size", "32",
+AUGMENTED = ["--recipe", "finetune", "--model", "vgg_tiny", "--weights", "none", "--freeze", "none", "--dropout", "0.5", "--image-size", "32",
              "--cache-size", "48", "--eval-resize", "weights", "--augment", "trivial", "--random-erasing", "0.5",
-             "--mixup", "0.4", "--cutmix", "1.0", "--test-fraction", "0.55", "--lr", "0.05", "--seed", "0",
+             "--mixup", "0.4", "--cutmix", "1.0", "--test-fraction", "0.55", "--lr", "0.002", "--seed", "0",
              "--epochs", "2", "--checkpoint-every-steps", "2", "--keep-checkpoints", "10", "--wandb-mode",
              "disabled"]
 
@@ -84,7 +87,13 @@ def test_augmented_training_is_the_same_on_1_2_and_3_processes(runs, root):
     config = read_metrics(runs[1])["config"]
     assert (config["augment"], config["mixup"], config["cutmix"], config["feature_cache"]) == ("trivial", 0.4, 1.0,
                                                                                                 False)
+    assert (config["recipe"], config["optimizer"], config["weight_decay"], config["label_smoothing"],
+            config["warmup_epochs"], config["lr_schedule"], config["ema_decay"]) == \
+        ("finetune", "adamw", 0.05, 0.1, 1.0, "cosine", 0.9998)
     assert [read_metrics(runs[n])["train"]["num_processes"] for n in (1, 2, 3)] == [1, 2, 3]
+    for n in (2, 3):  # the trained weights too, beside their average (the final model)
+        assert read_metrics(runs[n])["test_raw"]["loss"] == pytest.approx(read_metrics(runs[1])["test_raw"]["loss"],
+                                                                          rel=1e-5, abs=0)
     # the crops come from the 48 px cache, evaluation from the weights' resize (36 px) and centre crop (32 px)
     assert sorted(p.name.split("-", 2)[2] for p in (root / "cache").glob("images-*.npy")) == ["36-32px.npy",
                                                                                              "48px.npy"]
