@@ -14,16 +14,18 @@ in batches of 32, one process on this machine's cores, and is a fresh process:
   +smoothing    + --label-smoothing 0.1
   +ema          + --ema-decay 0.9998 (the final model is the average)
   +wd           + --weight-decay 5e-4 (SGD's L2; the no-decay groups as in the recipe)
+  +augment      the bare loop + the finetune recipe's augmentation: TrivialAugment crops from a 73 px cache
+                (8/7 of 64), random erasing 0.1, mixup 0.2 / cutmix 1.0, the weights' evaluation resize
   finetune      --recipe finetune (AdamW, weight decay 0.05, label smoothing 0.1, warm-up 1 epoch, cosine,
-                EMA) at its preset lr (1e-4, chosen for pretrained weights), and at --lr 2e-3 (from scratch)
+                EMA, and that augmentation) at its preset lr (1e-4, chosen for pretrained weights), and at
+                --lr 2e-3 (from scratch)
   timm          timm's train.py: --model resnet18 --img-size 64 --epochs 10 -b 32 --num-classes 8 --device cpu
                 and nothing else (its defaults: SGD at lr 0.1 x 32/256, weight decay 2e-5, 5 warm-up epochs,
                 cosine, label smoothing 0.1, random-resized-crop + flip + colour jitter 0.4, 4 loader
                 workers), on the same split (train/ and validation/ folders of links to the same files); and
                 the same with --lr 0.05, the bare loop's
 
-Augmentation (--augment, mixup, cutmix) is another branch's work: the tl_dist arms here have none, so the
-gap to timm's augmented run is what augmentation has to close. For each arm: test accuracy, the accuracy of
+For each arm: test accuracy, the accuracy of
 the same final model on the training images (evaluated as the test images are), their gap, and wall seconds
 of the whole process, and its CPU seconds (user + system of the process and its children, loader workers
 included): on a machine other programs share, wall times are noisy (the load average is printed beside them)
@@ -64,12 +66,14 @@ ARMS = {  # the tl_dist arms; "timm" runs timm's train.py
                     "0.9998"],
     "+wd": BARE + ["--warmup-epochs", "1", "--lr-schedule", "cosine", "--label-smoothing", "0.1", "--ema-decay",
                    "0.9998", "--weight-decay", "5e-4"],
+    "+augment": BARE + ["--augment", "trivial", "--random-erasing", "0.1", "--mixup", "0.2", "--cutmix", "1.0",
+                        "--cache-size", "73", "--eval-resize", "weights"],
     "finetune (preset lr)": ["--recipe", "finetune"],
     "finetune lr=2e-3": ["--recipe", "finetune", "--lr", "2e-3"],
 }
 TIMM_ARMS = {"timm": [], "timm lr=0.05": ["--lr", "0.05"]}  # its defaults; and with the bare loop's lr
-ORDER = ("bare", "timm", "timm lr=0.05", "finetune lr=2e-3", "+ema", "finetune (preset lr)", "+schedule", "+smoothing",
-         "+wd")
+ORDER = ("bare", "+augment", "finetune lr=2e-3", "timm", "timm lr=0.05", "+ema", "finetune (preset lr)", "+schedule",
+         "+smoothing", "+wd")
 
 
 def measured(command: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, float, float, tuple]:
@@ -233,7 +237,7 @@ def report(machine: dict, runs: list[dict], when: str, command: str, timm_versio
              f"process, run once. Python {machine['python']}, torch {machine['torch']}, torchvision "
              f"{machine['torchvision']}" + (f", timm {timm_version} (its repository's train.py)" if timm_version else "")
              + ". The machine was shared (load: 1-minute load average before / after each arm, on "
-             f"{machine['cores']} cores): times are noisy. The tl_dist arms have no augmentation yet.", "",
+             f"{machine['cores']} cores): times are noisy.", "",
              f"Every tl_dist arm: `python -m tl_dist.train {' '.join(COMMON)}` and its options below.", "",
              "| arm | test acc. | train acc. | gap (train - test) | wall s | CPU s | training s | load | options |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -20,6 +20,7 @@ nothing is carried over from the previous draw.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,7 +124,7 @@ class KeyedDropout(KeyedRandomness, nn.Dropout):
             return x
         if self.p == 1:
             return x * 0
-        elements = torch.arange(x[0].numel(), device=x.device).view(x.shape[1:])
+        elements = torch.arange(math.prod(x.shape[1:]), device=x.device).view(x.shape[1:])  # x may be empty
         keys = self.batch_keys(x).view(-1, *[1] * (x.dim() - 1))
         keep = bits_to_uniform(fold(keys, elements)) >= self.p
         return x * (keep.to(x.dtype) / (1 - self.p))
