@@ -72,7 +72,6 @@ def test_job_scripts_share_their_logic_through_one_file():
 # nvidia-smi that finds no GPU.
 STUB_PYTHON = """#!/bin/bash
 if [[ $1 == -c ]]; then echo 29511; exit 0; fi  # the multi-node script's free port
-if [[ $1 == -m && $2 == tl_dist.sweep ]]; then exec "$REAL_PYTHON" "$@"; fi
 printf '%s\\n' "$@" >"$CALLS/python"
 echo "$ACCELERATE_MIXED_PRECISION" >"$CALLS/precision"
 if [[ -n ${STUB_STOP:-} ]]; then
@@ -124,27 +123,33 @@ def sweep_file(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
 def test_job_scripts_launch_the_training_with_a_config_file_of_the_repository(script, image_tree, tmp_path):
     """`accelerate launch` without --config_file reads the user's default config: every job script launches
-    with one from accelerate_configs/ (the Slurm tests run them with a hostile default in place), or starts
-    the one process directly; the user's options go through, with the run folder and --resume auto added."""
+    with one from accelerate_configs/ (the Slurm tests run them with a hostile default in place); the user's
+    options go through, with the run folder and --resume auto added. The sweep's script starts a worker, whose
+    runs launch with the repository's config."""
     user = ["--data-dir", str(image_tree), "--epochs", "3"]
     if script.name == "slurm_sweep.sbatch":
-        job = fake_job(tmp_path, script, [str(sweep_file(tmp_path)), *user, "--output-dir", str(tmp_path / "sw")],
-                       SLURM_GPUS_ON_NODE="1")
+        job = fake_job(tmp_path, script, [str(sweep_file(tmp_path)), *user, "--output-dir", str(tmp_path / "sw")])
     else:
         job = fake_job(tmp_path, script, user)
     assert job.wait(timeout=120) == 0, (tmp_path / "job.out").read_text()
     argv = (tmp_path / "calls" / "python").read_text().splitlines()
+    if script.name == "slurm_sweep.sbatch":
+        # The script starts a worker of the sweep with the node's processes per run (SLURM_GPUS_ON_NODE=2);
+        # the worker launches each run under accelerate launch with --accelerate-config, a repository file.
+        assert argv == ["-m", "tl_dist.sweep", str(tmp_path / "grid.yaml"), "--num-processes", "2", *user,
+                        "--output-dir", str(tmp_path / "sw")]
+        from tl_dist.sweep.__main__ import build_parser
+        config = Path(build_parser().parse_args([str(tmp_path / "grid.yaml")]).accelerate_config)
+        assert config.parent == REPO / "accelerate_configs" and config.is_file()
+        assert "the sweep worker exited with code 0" in (tmp_path / "job.out").read_text()
+        return
     train = argv.index(str(REPO / "tl_dist" / "train.py"))
     launcher, options = argv[:train], argv[train + 1:]
-    if script.name == "slurm_sweep.sbatch":  # one GPU: one process, started directly
-        assert launcher == [] and options[options.index("--lr") + 1] == "0.05"
-        assert options[options.index("--output-dir") + 1] == str(tmp_path / "sw" / "00-lr=0.05")
-    else:
-        config = {"slurm_single_node.sbatch": "multi_gpu.yaml", "slurm_multi_node.sbatch": "multi_node.yaml"}
-        assert launcher[:4] == ["-m", "accelerate.commands.launch", "--config_file",
-                                str(REPO / "accelerate_configs" / config[script.name])]
-        assert launcher[launcher.index("--num_processes") + 1] == "2"
-        assert options[options.index("--output-dir") + 1] == "runs/slurm-7" and (tmp_path / "runs/slurm-7").is_dir()
+    config = {"slurm_single_node.sbatch": "multi_gpu.yaml", "slurm_multi_node.sbatch": "multi_node.yaml"}
+    assert launcher[:4] == ["-m", "accelerate.commands.launch", "--config_file",
+                            str(REPO / "accelerate_configs" / config[script.name])]
+    assert launcher[launcher.index("--num_processes") + 1] == "2"
+    assert options[options.index("--output-dir") + 1] == "runs/slurm-7" and (tmp_path / "runs/slurm-7").is_dir()
     assert options[:len(user)] == user and options[-2:] == ["--resume", "auto"]
     assert (tmp_path / "calls" / "precision").read_text().strip() == "no"  # no GPU: fp32
     assert "training exited with code 0" in (tmp_path / "job.out").read_text()
