@@ -389,12 +389,25 @@ def _fit_position_embedding(net: nn.Module, state: dict) -> dict:
     return interpolate_embeddings(net.image_size, net.patch_size, {**state, key: state[key].float()})
 
 
+def _download(entry, arch: str, weights: str) -> dict:
+    """torchvision's weights from its hub cache, downloaded there first if need be; a failed download (no
+    network, a proxy, a damaged file whose hash does not match) is a WeightsError of one line."""
+    try:
+        return entry.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError) as exc:  # urllib's URLError is an OSError; a hash mismatch a RuntimeError
+        reason = getattr(exc, "reason", None) or exc
+        raise WeightsError(
+            f"--weights {weights}: could not get {arch}'s weights from {entry.url} ({reason}). Check the network "
+            f"(or put the file in {Path(torch.hub.get_dir()) / 'checkpoints'}), pass a local state_dict with "
+            "--weights PATH, or train from random initialisation with --weights none") from None
+
+
 def _load_pretrained(net: nn.Module, arch: str, weights: str) -> None:
     if problem := check_weights(arch, weights):
         raise WeightsError(f"--weights {problem}")
     entry = weights_entry(arch, weights)
     if entry is not None:  # downloaded once into torch's hub cache, then read from there
-        state = entry.get_state_dict(progress=True, check_hash=True)
+        state = _download(entry, arch, weights)
     else:
         state = _read_state_dict(Path(weights))
     if family_name(arch) == VIT:
