@@ -89,14 +89,19 @@ def pause_the_lock_holder(cache: Path, running, timeout: float = 300) -> int:
     """SIGSTOP the process that holds the features' build lock in `cache`, once one does, while `running()`
     says the runs are not over; returns its pid. It is stopped before it is looked at, so it cannot let go
     of the lock in between."""
-    deadline = time.monotonic() + timeout
-    while running() and time.monotonic() < deadline:
+    checked = time.monotonic()
+    deadline = checked + timeout
+    while time.monotonic() < deadline:
         for lock in cache.glob(".features-*.lock"):
             for pid in [p for p, holds in flock_holders(lock).items() if holds]:
                 os.kill(pid, signal.SIGSTOP)
                 if flock_holders(lock).get(pid):
                     return pid
                 os.kill(pid, signal.SIGCONT)
+        if time.monotonic() - checked > 1:  # running() may be slow (Slurm's scontrol); the locks are looked
+            if not running():  # at every 10 ms however long it takes
+                break
+            checked = time.monotonic()
         time.sleep(0.01)
     raise AssertionError(f"no process was seen holding the features' lock in {cache}")
 
