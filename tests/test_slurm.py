@@ -453,4 +453,4 @@ def test_a_signalled_sweep_task_requeues_and_resumes_its_run(sweep_array):
     assert stopped, job.diagnose()
     assert re.search(rf"resumed\s+from\s+\S*/00/checkpoints/step_{stopped.group(1)}\s", text), job.diagnose()
     metrics = read_metrics(job.out)
-    assert metrics["config"]["lr"] == 0.02 and metrics["train"]["global_step"] == 8 * SIGNAL_EPOCHS
+    assert metrics["config"]["lr"] == 0.005 and metrics["train"]["global_step"] == 8 * SIGNAL_EPOCHS
