@@ -24,7 +24,7 @@ from test_options import paused
 from test_resume import descendants
 from tl_dist.checkpoint import TrainState, check_checkpoint
 from tl_dist.run_dir import RunDir
-from tl_dist.runtime import EXIT_STOPPED, LAUNCHER_GRACE_SECONDS
+from tl_dist.runtime import EXIT_STOPPED, LAUNCHER_GRACE_SECONDS, StopRequest
 
 # 100 images, 80 for training at batch 4: 20 steps an epoch, a checkpoint every 2.
 OPTIONS = ("--epochs", "2", "--checkpoint-every-steps", "2", "--wandb-mode", "disabled", "--dropout", "0")
@@ -113,3 +113,17 @@ def test_the_watchdog_ends_a_worker_whose_launcher_is_gone(data, tmp_path):
     text = log.read_text()
     assert text.count("error: the launcher of this process is gone and the run did not stop in time; exiting. "
                       "Continue with --resume auto.") == 1, text[-3000:]
+
+
+def test_a_stop_file_names_the_signal_a_parent_relayed(tmp_path):
+    """A sweep relays Ctrl-C twice (a STOP file and the signal to accelerate launch): whichever the run sees
+    first, it says SIGINT. A STOP file a user touched, or one with anything else in it, says it exists."""
+    stop_file = tmp_path / "STOP"
+    with StopRequest(stop_file) as stop:
+        assert not stop.requested()
+        stop_file.write_text("SIGINT")
+        assert stop.requested() and stop.reason() == "SIGINT"
+        for text in ("", "please stop\n", "SIGKILL"):
+            stop_file.write_text(text)
+            assert stop.reason() == f"{stop_file} exists"
+    assert not stop_file.exists()  # removed when training ends

@@ -218,7 +218,15 @@ class StopRequest:
         return self.signal_name is not None or self.stop_file.exists()
 
     def reason(self) -> str:
-        return self.signal_name or f"{self.stop_file} exists"
+        """The signal, or the STOP file: by the signal it names when the process that wrote it relayed one
+        (a sweep, a job script), since either may be seen first."""
+        if self.signal_name:
+            return self.signal_name
+        try:
+            said = self.stop_file.read_text(errors="replace").strip()
+        except OSError:
+            said = ""
+        return said if said in {s.name for s in self.SIGNALS} else f"{self.stop_file} exists"
 
 
 def stop_with_launcher() -> None:

@@ -58,7 +58,7 @@ class SweepSignals:
         self.stopped = self.stopped or signal.Signals(signum).name
         if self.run_dir is not None:
             self.run_dir.path.mkdir(parents=True, exist_ok=True)
-            self.run_dir.stop_file.touch()
+            self.run_dir.stop_file.write_text(self.stopped)  # names the signal, whichever the run sees first
         if self.child is not None and signum != signal.SIGUSR1:  # accelerate launch does not pass SIGUSR1 on
             self.child.send_signal(signum)
 
