@@ -358,7 +358,7 @@ def sweep_array(slurm_cluster, image_tree, tmp_path_factory):
     env["HF_HOME"] = str(write_user_default_config(root / "hf_home"))
     out = root / "sweep"
     # ResNet-18 at 64 px: a feature pass long enough to catch its builder holding the features' lock.
-    options = train_args(image_tree, root / "cache", "--epochs", "16", "--output-dir", str(out), *ARRAY_BACKBONE)
+    options = train_args(image_tree, root / "cache", "--epochs", "4", "--output-dir", str(out), *ARRAY_BACKBONE)
     array_id = sweep_job(slurm_cluster, root, sweep_file, "0-1", "sweep", env, *options)
     tasks = [Job(slurm_cluster, f"{array_id}_{i}", out, root / f"sweep-{array_id}_{i}.out") for i in range(2)]
 
@@ -406,7 +406,7 @@ def test_a_sweep_array_shares_one_study_each_task_taking_other_configurations(sw
                                                  ("features", 0.005))):
         metrics = read_metrics(out / name)
         assert (metrics["config"]["freeze"], metrics["config"]["lr"]) == (freeze, lr)
-        assert metrics["train"]["global_step"] == 8 * 16  # 32 images, batch 4, 16 epochs
+        assert metrics["train"]["global_step"] == 8 * 4  # 32 images, batch 4, 4 epochs
         (run,) = wandb_reader.run_dirs(out / name / "wandb")
         record = next(r.run for r in wandb_reader.records(run) if r.WhichOneof("record_type") == "run")
         assert record.run_group == "slurm-grid"
