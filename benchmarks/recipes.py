@@ -16,9 +16,10 @@ in batches of 32, one process on this machine's cores, and is a fresh process:
   +wd           + --weight-decay 5e-4 (SGD's L2; the no-decay groups as in the recipe)
   +augment      the bare loop + the finetune recipe's augmentation: TrivialAugment crops from a 73 px cache
                 (8/7 of 64), random erasing 0.1, mixup 0.2 / cutmix 1.0, the weights' evaluation resize
+  +basic        the bare loop + random resized crop and flip only (--augment basic), as timm's default
   finetune      --recipe finetune (AdamW, weight decay 0.05, label smoothing 0.1, warm-up 1 epoch, cosine,
                 EMA, and that augmentation) at its preset lr (1e-4, chosen for pretrained weights), and at
-                --lr 2e-3 (from scratch)
+                --lr 2e-3 (from scratch); and with --augment basic and no mixing or erasing
   timm          timm's train.py: --model resnet18 --img-size 64 --epochs 10 -b 32 --num-classes 8 --device cpu
                 and nothing else (its defaults: SGD at lr 0.1 x 32/256, weight decay 2e-5, 5 warm-up epochs,
                 cosine, label smoothing 0.1, random-resized-crop + flip + colour jitter 0.4, 4 loader
@@ -68,11 +69,14 @@ ARMS = {  # the tl_dist arms; "timm" runs timm's train.py
                    "0.9998", "--weight-decay", "5e-4"],
     "+augment": BARE + ["--augment", "trivial", "--random-erasing", "0.1", "--mixup", "0.2", "--cutmix", "1.0",
                         "--cache-size", "73", "--eval-resize", "weights"],
+    "+basic": BARE + ["--augment", "basic", "--cache-size", "73", "--eval-resize", "weights"],
     "finetune (preset lr)": ["--recipe", "finetune"],
     "finetune lr=2e-3": ["--recipe", "finetune", "--lr", "2e-3"],
+    "finetune basic lr=2e-3": ["--recipe", "finetune", "--lr", "2e-3", "--augment", "basic", "--mixup", "0",
+                               "--cutmix", "0", "--random-erasing", "0"],
 }
 TIMM_ARMS = {"timm": [], "timm lr=0.05": ["--lr", "0.05"]}  # its defaults; and with the bare loop's lr
-ORDER = ("bare", "+augment", "finetune lr=2e-3", "timm", "timm lr=0.05", "+ema", "finetune (preset lr)", "+schedule",
+ORDER = ("bare", "+augment", "finetune lr=2e-3", "timm", "+basic", "finetune basic lr=2e-3", "timm lr=0.05", "+ema", "finetune (preset lr)", "+schedule",
          "+smoothing", "+wd")
 
 
