@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, launch, make_image_tree, read_metrics, run_env, run_module, tiny_args, train_in_process
+from test_run_folder import killed_after
 
 import tl_dist
 from tl_dist import predict
@@ -55,15 +56,6 @@ def same_results(run_dir: Path, reference: Path) -> None:
     ours, theirs = read_metrics(run_dir), read_metrics(reference)
     assert ours["train"]["epoch_loss"] == theirs["train"]["epoch_loss"]
     assert ours["test"]["loss"] == theirs["test"]["loss"] and ours["baseline"]["loss"] == theirs["baseline"]["loss"]
-
-
-def killed_copy(reference: Path, dest: Path) -> Path:
-    """The reference as a kill after its last checkpoint leaves it: checkpoints, no final model or report."""
-    shutil.copytree(reference, dest)
-    shutil.rmtree(dest / "model")
-    for name in REPORT:
-        (dest / name).unlink()
-    return dest
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +118,7 @@ def test_a_resume_into_another_folder_checks_the_checkpoint_identity(data, root,
 def test_checkpoint_files_without_a_manifest_are_verified_by_their_format(reference, tmp_path):
     """Folders written before manifests existed are not trusted because their files are there: each file is
     checked as its format allows, and --resume auto falls back past a truncated one with one warning."""
-    out = killed_copy(reference, tmp_path / "run")
+    out = killed_after(reference, 16, tmp_path / "run")  # after its last checkpoint
     for folder in RunDir(out).checkpoint_folders():
         (folder / "manifest.json").unlink()
     newest = out / "checkpoints" / "step_16"
@@ -173,7 +165,7 @@ def test_a_checkpoint_that_verifies_but_cannot_be_loaded_is_one_line(reference, 
 def test_damaged_run_files_are_one_line_and_the_advice_works_in_the_same_folder(reference, tmp_path, capsys):
     """A truncated split.json or config.json (a full disk, a copy cut short): one line each. For config.json
     it names a checkpoint, which carries the options, and resuming from it in the same --output-dir works."""
-    out = killed_copy(reference, tmp_path / "run")
+    out = killed_after(reference, 16, tmp_path / "run")  # after its last checkpoint
     for name in ("split.json", "config.json"):
         path = out / name
         whole = path.read_bytes()
